@@ -1,0 +1,96 @@
+"""Small shared helpers: where files live, distributed set-up, logging from rank 0."""
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def home_dir() -> Path:
+    """Root for tokenizers, checkpoints and reports ($FASTCHAT_HOME, default ~/.cache/fastchat)."""
+    path = Path(os.environ.get("FASTCHAT_HOME", Path.home() / ".cache" / "fastchat"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_root() -> Path | None:
+    """Local data root named by $FASTCHAT_DATA, or None when unset."""
+    root = os.environ.get("FASTCHAT_DATA")
+    return Path(root) if root else None
+
+
+def require_data(*parts: str) -> Path:
+    """A path under $FASTCHAT_DATA that must exist; a clear error naming the fix otherwise."""
+    root = data_root()
+    if root is None:
+        raise SystemExit("FASTCHAT_DATA is not set: point it at a data folder (e.g. export FASTCHAT_DATA=../shared/data)")
+    path = root.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"missing data: {path} does not exist (check FASTCHAT_DATA={root})")
+    return path
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def print0(*args, **kwargs):
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def init_dist(device_type: str | None = None):
+    """Initialise torch.distributed when launched by torchrun; returns (rank, local_rank, world, device).
+
+    NCCL on CUDA, gloo on CPU. Without torchrun this is a plain single process.
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo")
+        return dist.get_rank(), local_rank, dist.get_world_size(), device
+    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device(device_type)
+    return 0, 0, 1, device
+
+
+def cleanup_dist():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock timer that synchronizes the device first, so GPU work is counted."""
+
+    def __init__(self, device):
+        self.device = device
+        self.t0 = None
+
+    def __enter__(self):
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.dt = time.perf_counter() - self.t0
