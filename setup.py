@@ -24,6 +24,8 @@ except ImportError as e:  # pragma: no cover - a user error with a clear fix
 def extensions():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    if not sources:
+        return []
     use_cuda = (
         bool(cuda_sources)
         and torch.version.cuda is not None
