@@ -1,0 +1,75 @@
+"""End-to-end pretraining throughput on one GPU: tokens/s and MFU at d12 and d20, kernels on and off.
+
+Random tokens, vocab 65,536, T=2048, full MHA, torch.compile, Muon+AdamW step included: the set-up of
+PERF.md's nanochat anchor, so the numbers compare directly. Each configuration runs in its own process
+(clean memory and compile caches); the first steps (compilation) are excluded from the timing.
+
+    python -m fastchat_core.bench.bench_train --out bench/results/train_d20.json [--kernels both]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ANCHOR = {12: {"tokens_per_s": 418_000, "mfu": 0.439}, 20: {"tokens_per_s": 122_700, "mfu": 0.433}}
+BATCH = {12: 32, 20: 16}
+
+
+def run_one(depth, kernels, steps, profile=None, extra=()):
+    B = BATCH[depth]
+    cmd = [sys.executable, "-m", "fastchat_core.train.base", "--random-data", f"--depth={depth}",
+           f"--device-batch-size={B}", f"--total-batch-size={B * 2048}", f"--num-iterations={steps}",
+           "--eval-every=0", "--log-every=5", "--kernels" if kernels else "--no-kernels",
+           f"--run-dir=/tmp/bench_train/d{depth}_{int(kernels)}", *extra]
+    if profile:
+        cmd.append(f"--profile={profile}")
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stdout.write(out.stdout[-3000:])
+    if out.returncode:
+        sys.stdout.write(out.stderr[-6000:])
+        return {"depth": depth, "kernels": kernels, "error": out.stderr[-2000:]}
+    summary = json.loads(out.stdout.split("summary: ", 1)[1].splitlines()[0])
+    summary.update(depth=depth, kernels=kernels, batch=f"{B}x2048", wall_s=time.time() - t0)
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--depths", default="20,12")
+    p.add_argument("--kernels", choices=["on", "off", "both"], default="both")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", default="bench/results/train_d20.json")
+    p.add_argument("--profile-dir", default=os.environ.get("OUT", "/tmp"))
+    args = p.parse_args(argv)
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.kernels]
+    results = []
+    for depth in map(int, args.depths.split(",")):
+        for k in modes:
+            prof = str(Path(args.profile_dir) / f"profile_d{depth}_k{int(k)}.txt") if depth == 20 else None
+            results.append(run_one(depth, k, args.steps, prof))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import triton
+    doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "commit": commit or os.environ.get("FASTCHAT_COMMIT", "unknown"),
+           "setup": "random tokens, vocab 65536, T=2048, MHA, bf16 autocast, torch.compile, optimizer step included",
+           "anchor_nanochat": ANCHOR, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"\n{'depth':>5} {'kernels':>7} {'tok/s':>10} {'MFU':>6} {'vs nanochat':>11} {'peak GB':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['depth']:>5} {str(r['kernels']):>7}  ERROR")
+            continue
+        ratio = r["tokens_per_s"] / ANCHOR[r["depth"]]["tokens_per_s"]
+        print(f"{r['depth']:>5} {str(r['kernels']):>7} {r['tokens_per_s']:>10,.0f} {100 * r.get('mfu', 0):>5.1f}% "
+              f"{ratio:>10.2f}x {r.get('peak_mem_gb', 0):>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The `fastchat` command: one entry point whose subcommands run the drivers in train/, serve/ and bench/.
+
+Each subcommand hands the rest of the command line to its module's main(argv), so
+`fastchat train base --depth 12` == `python -m fastchat_core.train.base --depth 12`.
+"""
+import importlib
+import sys
+
+# subcommand -> (module, help); "train" has stages of its own.
+COMMANDS = {
+    "tokenizer": ("fastchat_core.train.tokenizer", "train or evaluate the BPE tokenizer"),
+}
+TRAIN_STAGES = {
+    "base": ("fastchat_core.train.base", "pretrain a base model (torchrun for several GPUs)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fastchat <command> [args...]", "", "commands:"]
+    for name, (_, help_) in COMMANDS.items():
+        lines.append(f"  {name:<12} {help_}")
+    lines.append(f"  {'train':<12} run a training stage: {', '.join(TRAIN_STAGES)}")
+    for name, (_, help_) in TRAIN_STAGES.items():
+        lines.append(f"    {name:<10} {help_}")
+    lines += ["", "`fastchat <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        if not rest or rest[0] not in TRAIN_STAGES:
+            print(f"fastchat train: choose a stage: {', '.join(TRAIN_STAGES)}", file=sys.stderr)
+            return 2
+        module, rest = TRAIN_STAGES[rest[0]][0], rest[1:]
+    elif cmd in COMMANDS:
+        module = COMMANDS[cmd][0]
+    else:
+        print(f"fastchat: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    result = importlib.import_module(module).main(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

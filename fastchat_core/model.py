@@ -1,0 +1,151 @@
+"""The GPT: a nanochat-class dense transformer.
+
+Token embedding -> RMSNorm -> blocks (attention with QK-norm + rotary, ReLU^2 MLP, pre-norm residual)
+-> RMSNorm -> untied LM head with a tanh logit softcap. RMSNorm has no weights and no layer has a bias.
+The fused parts (rotary + QK-norm, LM head + softcap + cross-entropy) go through fastchat_core.ops,
+which picks the Triton kernel on CUDA and the PyTorch reference elsewhere.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastchat_core import ops
+from fastchat_core.attention import causal_attention
+from fastchat_core.config import ModelConfig
+
+
+def rms_norm(x, eps):
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def rotary_tables(seq_len, head_dim, base, device=None):
+    """cos/sin tables of shape (seq_len, head_dim // 2), float32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.dim, cfg.head_dim
+        self.c_q = nn.Linear(d, cfg.n_head * hd, bias=False)
+        self.c_k = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
+        self.c_v = nn.Linear(d, cfg.n_kv_head * hd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_head * hd, d, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.c_q(x).view(B, T, cfg.n_head, cfg.head_dim)
+        k = self.c_k(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
+        v = self.c_v(x).view(B, T, cfg.n_kv_head, cfg.head_dim)
+        q, k = ops.rope_qknorm(q, k, cos, sin, None, cfg.norm_eps)
+        y = causal_attention(q, k, v)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, bias=False)
+        self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(rms_norm(x, self.eps), cos, sin)
+        return x + self.mlp(rms_norm(x, self.eps))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Rotary tables cover 4x the training length so generation can run past it.
+        cos, sin = rotary_tables(4 * config.seq_len, config.head_dim, config.rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0):
+        """nanochat-style init: unit-variance embedding, tiny LM head, zero output projections."""
+        gen = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
+        self.wte.weight.normal_(0.0, 1.0, generator=gen)
+        self.lm_head.weight.normal_(0.0, 0.001, generator=gen)
+        bound = 3 ** 0.5 * self.config.dim ** -0.5
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                lin.weight.uniform_(-bound, bound, generator=gen)
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        cos, sin = rotary_tables(self.cos.size(0), self.config.head_dim, self.config.rope_base, self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        return self
+
+    def hidden_states(self, idx):
+        T = idx.size(1)
+        if T > self.cos.size(0):
+            raise ValueError(f"sequence of {T} tokens is longer than the rotary table ({self.cos.size(0)})")
+        x = rms_norm(self.wte(idx), self.config.norm_eps)
+        cos, sin = self.cos[:T], self.sin[:T]
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return rms_norm(x, self.config.norm_eps)
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        """Loss (mean over targets != -1, or per token with reduction='none') or, without targets,
+        the softcapped float32 logits (B, T, V)."""
+        x = self.hidden_states(idx)
+        w = self.lm_head.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # The fused head runs its GEMMs in the compute dtype, not the fp32 master weights.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dtype), w.to(dtype)
+        if targets is None:
+            logits = F.linear(x, w).float()
+            cap = self.config.softcap
+            return cap * torch.tanh(logits / cap) if cap else logits
+        loss = ops.softcap_cross_entropy(x.flatten(0, 1), w, targets.flatten(), self.config.softcap,
+                                         -1, reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len=None) -> int:
+        return self.config.flops_per_token(seq_len)
+
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens, temperature=0.0, top_k=None, seed=0):
+        """Naive decoding by full recompute (no KV cache): the correctness oracle for the engine and a
+        quick way to sample during training. Yields token ids."""
+        device = self.wte.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        ids = list(ids)
+        for _ in range(max_new_tokens):
+            logits = self(torch.tensor([ids], device=device))[0, -1]
+            if temperature == 0:
+                nxt = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+            ids.append(nxt)
+            yield nxt

@@ -1,0 +1,65 @@
+"""The one dispatch point for fused kernels.
+
+On CUDA tensors each op runs our Triton kernel; elsewhere (CPU, or when Triton is missing) it runs the
+PyTorch reference that sits beside the kernel in triton_kernels/. FASTCHAT_REFERENCE=1 (or
+`use_reference(True)`) forces the reference everywhere, e.g. to compare kernels on/off in one run.
+The paged-KV ops are C++/CUDA (csrc/) and dispatch by device inside PyTorch's dispatcher.
+"""
+import os
+
+import torch
+
+from fastchat_core.triton_kernels.muon_ns import newton_schulz_reference
+from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_reference
+from fastchat_core.triton_kernels.softcap_ce import softcap_ce_reference
+
+_force_reference = os.environ.get("FASTCHAT_REFERENCE", "0") == "1"
+
+
+def use_reference(flag: bool = True):
+    """Force (or stop forcing) the PyTorch references, whatever the device."""
+    global _force_reference
+    _force_reference = flag
+
+
+def _kernel(t: torch.Tensor) -> bool:
+    return t.is_cuda and not _force_reference
+
+
+def rope_qknorm(q, k, cos, sin, positions=None, eps=1e-6):
+    """RMSNorm (no weight) then rotary on q (..., T, Hq, D) and k (..., T, Hk, D); returns (q, k)."""
+    if _kernel(q):
+        from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_triton
+        return rope_qknorm_triton(q, k, cos, sin, positions, eps)
+    return rope_qknorm_reference(q, k, cos, sin, positions, eps)
+
+
+def softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+    """LM head + softcap + cross-entropy without materializing the logits; fp32 loss."""
+    if _kernel(x):
+        from fastchat_core.triton_kernels.softcap_ce import softcap_ce_triton
+        return softcap_ce_triton(x, weight, targets, softcap, ignore_index, reduction)
+    return softcap_ce_reference(x, weight, targets, softcap, ignore_index, reduction)
+
+
+def newton_schulz(G, steps=5):
+    """Orthogonalize a stack (..., m, n) of same-shape matrices (Polar Express iteration), bf16 out."""
+    if _kernel(G):
+        from fastchat_core.triton_kernels.muon_ns import newton_schulz_triton
+        return newton_schulz_triton(G, steps)
+    return newton_schulz_reference(G, steps)
+
+
+def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
+    from fastchat_core import csrc_ops
+    return csrc_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(query, key_cache, value_cache, block_tables, context_lens, scale, *args):
+    from fastchat_core import csrc_ops
+    return csrc_ops.paged_attention(query, key_cache, value_cache, block_tables, context_lens, scale, *args)
+
+
+def copy_blocks(key_cache, value_cache, block_mapping):
+    from fastchat_core import csrc_ops
+    return csrc_ops.copy_blocks(key_cache, value_cache, block_mapping)
