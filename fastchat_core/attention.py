@@ -4,6 +4,8 @@ On Hopper the cuDNN SDPA backend is the fastest attention we have (PERF.md: 541 
 flash backend), so it goes first in SDPA's priority list; flash-attn is used when a user has it installed.
 Inputs are token-major (B, T, H, D) as the model produces them.
 """
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,3 +37,52 @@ def causal_attention(q, k, v):
     else:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+@dataclass
+class PagedBatch:
+    """What one engine step's attention needs to know about its packed batch of sequences.
+
+    Prefill: each sequence contributes query_lens[i] new tokens (positions cached_lens[i] .. context_lens[i]-1)
+    and attends to its cached prefix plus those tokens, causally. Decode: one new token per sequence.
+    """
+    is_prefill: bool
+    slot_mapping: torch.Tensor        # (N,) int64: cache slot of each new token, -1 = do not store
+    block_tables: torch.Tensor        # (B, max_blocks) int32
+    context_lens: torch.Tensor        # (B,) int32: tokens in the cache after this step
+    query_lens: list = field(default_factory=list)     # host ints, prefill only
+    context_lens_host: list = field(default_factory=list)
+
+
+def paged_attention_step(q, k, v, k_cache, v_cache, batch: PagedBatch):
+    """q (N, Hq, D), k/v (N, Hk, D) of the new tokens -> attention output (N, Hq, D).
+
+    New K/V go into the paged cache first (reshape_and_cache). Decode then reads the whole context from
+    the cache with the paged decode kernel. Prefill gathers each sequence's blocks (cached prefix + new
+    tokens) and runs SDPA with the causal mask offset by the prefix length; prefill is compute-bound and
+    SDPA (cuDNN on Hopper) is what we have that is fast there.
+    """
+    from fastchat_core import ops
+    ops.reshape_and_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+    scale = q.size(-1) ** -0.5
+    if not batch.is_prefill:
+        return ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    out = torch.empty_like(q)
+    block_size = k_cache.size(1)
+    start = 0
+    for i, (n_new, n_ctx) in enumerate(zip(batch.query_lens, batch.context_lens_host)):
+        qi = q[start:start + n_new].transpose(0, 1)  # (Hq, n_new, D)
+        if n_ctx == n_new:  # nothing cached: the new K/V are the whole context
+            ki, vi = k[start:start + n_new], v[start:start + n_new]
+        else:
+            blocks = batch.block_tables[i, :-(-n_ctx // block_size)].long()
+            ki = k_cache[blocks].flatten(0, 1)[:n_ctx]
+            vi = v_cache[blocks].flatten(0, 1)[:n_ctx]
+        ki, vi = ki.transpose(0, 1), vi.transpose(0, 1)
+        # query j (absolute position n_ctx - n_new + j) sees keys 0 .. n_ctx - n_new + j
+        mask = None if n_ctx == n_new else torch.ones(n_new, n_ctx, dtype=torch.bool, device=q.device).tril(n_ctx - n_new)
+        y = F.scaled_dot_product_attention(qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=ki.size(0) != qi.size(0))
+        out[start:start + n_new] = y[0].transpose(0, 1)
+        start += n_new
+    return out

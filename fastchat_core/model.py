@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastchat_core import ops
-from fastchat_core.attention import causal_attention
+from fastchat_core.attention import PagedBatch, causal_attention, paged_attention_step
 from fastchat_core.config import ModelConfig
 
 
@@ -45,6 +45,16 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v)
         return self.c_proj(y.reshape(B, T, -1))
 
+    def forward_paged(self, x, positions, cos, sin, batch: PagedBatch, kv_cache):
+        """x (N, dim): the engine's packed new tokens at `positions`; K/V live in the paged kv_cache."""
+        N, cfg = x.size(0), self.cfg
+        q = self.c_q(x).view(N, cfg.n_head, cfg.head_dim)
+        k = self.c_k(x).view(N, cfg.n_kv_head, cfg.head_dim)
+        v = self.c_v(x).view(N, cfg.n_kv_head, cfg.head_dim)
+        q, k = ops.rope_qknorm(q, k, cos, sin, positions, cfg.norm_eps)
+        y = paged_attention_step(q, k, v, kv_cache[0], kv_cache[1], batch)
+        return self.c_proj(y.reshape(N, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -65,6 +75,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin):
         x = x + self.attn(rms_norm(x, self.eps), cos, sin)
+        return x + self.mlp(rms_norm(x, self.eps))
+
+    def forward_paged(self, x, positions, cos, sin, batch, kv_cache):
+        x = x + self.attn.forward_paged(rms_norm(x, self.eps), positions, cos, sin, batch, kv_cache)
         return x + self.mlp(rms_norm(x, self.eps))
 
 
@@ -123,6 +137,19 @@ class GPT(nn.Module):
         loss = ops.softcap_cross_entropy(x.flatten(0, 1), w, targets.flatten(), self.config.softcap,
                                          -1, reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
+
+    def forward_paged(self, ids, positions, batch: PagedBatch, kv_caches, logits_at=None):
+        """The engine's forward over a packed batch of new tokens (N,) with the paged KV cache
+        (one (k_cache, v_cache) pair per layer). Returns softcapped float32 logits at the rows
+        `logits_at` (e.g. each sequence's last token), or at every row."""
+        x = rms_norm(self.wte(ids), self.config.norm_eps)
+        for block, kv in zip(self.blocks, kv_caches):
+            x = block.forward_paged(x, positions, self.cos, self.sin, batch, kv)
+        if logits_at is not None:
+            x = x[logits_at]
+        logits = self.lm_head(rms_norm(x, self.config.norm_eps)).float()
+        cap = self.config.softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
