@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU measurement campaign, in phases that each fit one device call:
+#   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving
+# Every phase writes its full output under $OUT (JSON + logs); the tables print last.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" FASTCHAT_DATA="${FASTCHAT_DATA:-$PWD/shared/data}"
+mkdir -p "$OUT"
+phases=",${1:-setup,tests,kernels,train},"
+has() { [[ "$phases" == *",$1,"* ]]; }
+
+# Carried wheels (liger-kernel, uvicorn, starlette...) go to a private site dir: nothing is downloaded.
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+if has setup; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  time MAX_JOBS=16 python3 -m pip install -q -e . --no-build-isolation --no-deps 2>&1 | tail -20
+fi
+if has tests; then
+  python3 -m pytest -q -m gpu tests -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if has kernels; then
+  KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider \
+    --benchmark-json="$OUT/kernels_raw.json" -s 2>&1 | tee "$OUT/kernels.log" | tail -40
+fi
+if has train; then
+  python3 -m fastchat_core.bench.bench_train --out "$OUT/train_d20.json" --profile-dir "$OUT" ${TRAIN_ARGS:-} 2>&1 \
+    | tee "$OUT/train.log" | tail -30
+fi
+if has decode; then
+  python3 -m fastchat_core.bench.bench_decode_attention --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/decode.log" | tail -30
+fi
+if has serving; then
+  python3 -m fastchat_core.bench.bench_serving --out "$OUT/serving.json" 2>&1 | tee "$OUT/serving.log" | tail -30
+fi

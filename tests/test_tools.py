@@ -1,0 +1,116 @@
+"""The calculator fast path and the sandboxed Python runner (each run_python call starts a small child)."""
+import time
+
+import pytest
+
+from fastchat_core.tools import MAX_OUTPUT, calculator, check_program, run_python
+
+
+@pytest.mark.parametrize("expr, value", [
+    ("12*7+3", "87"), ("12/4", "3.0"), ("7 // 2", "3"), ("-3 % 5", "2"), ("2**10", "1024"),
+    ("(1.5 + 2.5) * 3", "12.0"), ("1,234 * 2", "2468"), ("-(4 - 10)", "6"),
+])
+def test_calculator_arithmetic(expr, value):
+    assert calculator(expr) == value
+
+
+def test_calculator_refuses_what_is_not_arithmetic_or_too_big():
+    for expr in ["__import__('os')", "abs(-3)", "x + 1", "(2)(3)", "...", "1 +", "1, 2", "", "1" * 300]:
+        assert calculator(expr) is None, expr
+    assert calculator("1/0") == "ZeroDivisionError: division by zero"
+    assert calculator("9**9**9").startswith("OverflowError")   # refused before computing 9**387420489
+    assert calculator("10.0**400").startswith("OverflowError")
+
+
+def test_calculator_agrees_with_sandbox():
+    exprs = ["12*7+3", "12/4", "2**0.5", "1/0", "17 % 5 * (3 - 8)"]
+    assert [calculator(e) for e in exprs] == [run_python(e).output for e in exprs]
+
+
+def test_repl_value_and_print_output():
+    r = run_python("print('hello')\nx = 6 * 7\nx")
+    assert r == (True, "hello\n42")
+    assert run_python("'abc'").output == "'abc'"          # a REPL shows the repr
+    assert run_python("x = 5") == (True, "")              # a statement shows nothing
+    assert run_python("import math\nmath.factorial(10)").output == "3628800"
+
+
+def test_errors_are_reported():
+    r = run_python("def f(:\n    pass")
+    assert not r.ok and "SyntaxError" in r.output
+    r = run_python("print('before')\n[][1]")
+    assert not r.ok and r.output.startswith("before") and r.output.endswith("IndexError: list index out of range")
+    r = run_python("import sys\nsys.exit(0)")
+    assert not r.ok and "SystemExit" in r.output           # exiting early is not success
+
+
+def test_infinite_loop_killed_by_timeout():
+    t0 = time.perf_counter()
+    r = run_python("while True:\n    pass", timeout=1.0)
+    assert not r.ok and "Timeout" in r.output
+    assert time.perf_counter() - t0 < 5
+
+
+def test_memory_bomb_is_limited():
+    r = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(10**6))", timeout=5, memory_mb=128)
+    assert not r.ok and "MemoryError" in r.output
+    assert run_python("len(bytearray(50 * 10**6))", memory_mb=256).output == str(50 * 10**6)   # below the limit
+
+
+def test_file_writes_refused(tmp_path):
+    target = tmp_path / "out.txt"
+    for code in [f"open({str(target)!r}, 'w').write('x')",
+                 f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
+                 f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)"]:
+        r = run_python(code)
+        assert not r.ok and "PermissionError" in r.output, code
+    assert not target.exists()
+    existing = tmp_path / "keep.txt"
+    existing.write_text("data")
+    r = run_python(f"import os\nos.remove({str(existing)!r})")
+    assert not r.ok and existing.exists()
+    assert run_python(f"open({str(existing)!r}).read()").output == "'data'"   # reading is allowed
+
+
+def test_network_refused():
+    r = run_python("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)")
+    assert not r.ok and "network access is disabled" in r.output
+    r = run_python("import urllib.request\nurllib.request.urlopen('http://127.0.0.1:1')")
+    assert not r.ok and "network access is disabled" in r.output
+
+
+def test_processes_refused():
+    r = run_python("import subprocess\nsubprocess.run(['true'])")
+    assert not r.ok and "PermissionError" in r.output
+
+
+def test_output_truncated():
+    r = run_python("print('x' * 100_000)")
+    assert r.ok and r.output.count("x") == MAX_OUTPUT and r.output.endswith("[output truncated]")
+
+
+SOLUTION = '''
+def add_digits(n: int) -> int:
+    """Sum of the decimal digits of a non-negative integer."""
+    return sum(int(c) for c in str(n))
+'''
+WRONG_SOLUTION = '''
+def add_digits(n: int) -> int:
+    return n % 10
+'''
+TESTS = '''
+def check(candidate):
+    assert candidate(0) == 0
+    assert candidate(7) == 7
+    assert candidate(1234) == 10
+
+check(add_digits)
+'''
+
+
+def test_check_program():
+    assert check_program(SOLUTION + TESTS, timeout=3.0) == (True, "")
+    passed, error = check_program(WRONG_SOLUTION + TESTS, timeout=3.0)
+    assert not passed and error == "AssertionError"
+    passed, error = check_program("def add_digits(n):\n    while True: pass\n" + TESTS, timeout=1.0)
+    assert not passed and "Timeout" in error
