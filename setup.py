@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - a user error with a clear fix
 def extensions():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    if not sources:
+    if not sources or os.environ.get("FASTCHAT_NO_EXT") == "1":  # no sources, or a prebuilt _C is in place
         return []
     use_cuda = (
         bool(cuda_sources)
