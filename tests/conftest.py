@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir():
     """The real data root ($FASTCHAT_DATA); tests that need it skip with a clear reason when it is absent."""
     root = os.environ.get("FASTCHAT_DATA")
