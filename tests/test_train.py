@@ -52,11 +52,12 @@ def test_loss_falls_on_real_text(tmp_path, tokenizer_file, data_dir):
     summary = base.main(TINY + [f"--tokenizer={tokenizer_file}", f"--data={data_dir}/pretrain",
                                 "--total-batch-size=512", "--num-iterations=60", "--embedding-lr=0.05",
                                 "--eval-every=30", "--eval-tokens=2048", f"--run-dir={tmp_path}", "--device=cpu"])
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_bpb"] for r in recs if "val_bpb" in r}
+    # the same held-out batches before and after training: bits per byte must drop clearly
+    assert val[0] - summary["val"] > 0.5, (val, summary["val"])
     curve = losses(tmp_path)
-    first = sum(curve[s] for s in range(1, 6)) / 5
-    last = sum(curve[s] for s in range(56, 61)) / 5
-    assert last < first - 1.0, (first, last)
-    assert 0 < summary["val"] < 8  # bits per byte of a barely trained tiny model: finite and sane
+    assert sum(curve[s] for s in range(51, 61)) / 10 < curve[1] - 1.0
 
 
 def test_bad_batch_flags_give_clear_error(tmp_path):

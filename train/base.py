@@ -223,7 +223,7 @@ def main(argv=None):
     t_total, steps_timed = 0.0, 0
     while step < num_steps:
         last = step + 1 == num_steps
-        if args.eval_every and (step % args.eval_every == 0 or last) and step > 0:
+        if args.eval_every and (step % args.eval_every == 0 or last):
             val = evaluate()
             print0(f"step {step:5d} | val {'bpb' if token_bytes is not None else 'loss'} {val:.4f}")
             log({"step": step, "val_bpb" if token_bytes is not None else "val_loss": val})
@@ -250,6 +250,8 @@ def main(argv=None):
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+        if world > 1:  # log the global mean, not rank 0's share
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
         train_loss = (loss_sum / accum).item()  # one sync per step, for the progress line
         dt = time.perf_counter() - t0
         step += 1
