@@ -20,12 +20,15 @@ ANCHOR = {12: {"tokens_per_s": 418_000, "mfu": 0.439}, 20: {"tokens_per_s": 122_
 BATCH = {12: 32, 20: 16}
 
 
-def run_one(depth, kernels, steps, profile=None, extra=()):
+def run_one(depth, kernels, steps, profile=None, data=None):
+    """One training run in its own process; `data` = (folder, tokenizer) for real text, else random tokens."""
     B = BATCH[depth]
-    cmd = [sys.executable, "-m", "fastchat_core.train.base", "--random-data", f"--depth={depth}",
+    run_dir = Path(f"/tmp/bench_train/d{depth}_k{int(kernels)}_{'text' if data else 'random'}")
+    source = [f"--data={data[0]}", f"--tokenizer={data[1]}", "--eval-every=100", "--eval-tokens=524288"] \
+        if data else ["--random-data", "--eval-every=0"]
+    cmd = [sys.executable, "-m", "fastchat_core.train.base", *source, f"--depth={depth}",
            f"--device-batch-size={B}", f"--total-batch-size={B * 2048}", f"--num-iterations={steps}",
-           "--eval-every=0", "--log-every=5", "--kernels" if kernels else "--no-kernels",
-           f"--run-dir=/tmp/bench_train/d{depth}_{int(kernels)}", *extra]
+           "--log-every=10", "--kernels" if kernels else "--no-kernels", f"--run-dir={run_dir}"]
     if profile:
         cmd.append(f"--profile={profile}")
     t0 = time.time()
@@ -35,24 +38,41 @@ def run_one(depth, kernels, steps, profile=None, extra=()):
         sys.stdout.write(out.stderr[-6000:])
         return {"depth": depth, "kernels": kernels, "error": out.stderr[-2000:]}
     summary = json.loads(out.stdout.split("summary: ", 1)[1].splitlines()[0])
-    summary.update(depth=depth, kernels=kernels, batch=f"{B}x2048", wall_s=time.time() - t0)
+    summary.update(depth=depth, kernels=kernels, batch=f"{B}x2048", wall_s=time.time() - t0,
+                   data="text" if data else "random")
+    if data:
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary["loss_curve"] = [r["loss"] for r in recs if "loss" in r]
+        summary["val_bpb"] = {r["step"]: r["val_bpb"] for r in recs if "val_bpb" in r}
     return summary
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--depths", default="20,12")
+    p.add_argument("--depths", default="20,12", help="random-token throughput runs ('' for none)")
     p.add_argument("--kernels", choices=["on", "off", "both"], default="both")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default="bench/results/train_d20.json")
     p.add_argument("--profile-dir", default=os.environ.get("OUT", "/tmp"))
+    p.add_argument("--curve", default=None, metavar="DATA,TOKENIZER",
+                   help="also train d20 on real text for --curve-steps, kernels off and on: same loss curve?")
+    p.add_argument("--curve-steps", type=int, default=200)
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.kernels]
     results = []
-    for depth in map(int, args.depths.split(",")):
+    for depth in map(int, args.depths.split(",")) if args.depths else []:
         for k in modes:
             prof = str(Path(args.profile_dir) / f"profile_d{depth}_k{int(k)}.txt") if depth == 20 else None
             results.append(run_one(depth, k, args.steps, prof))
+    if args.curve:
+        runs = [run_one(20, k, args.curve_steps, data=args.curve.split(",")) for k in (False, True)]
+        results += runs
+        if all("loss_curve" in r for r in runs):
+            a, b = runs[0]["loss_curve"], runs[1]["loss_curve"]
+            tail = slice(len(a) - 50, len(a))
+            diff = sum(abs(x - y) for x, y in zip(a[tail], b[tail])) / 50
+            print(f"real text, last 50 steps: mean loss off {sum(a[tail]) / 50:.4f} on {sum(b[tail]) / 50:.4f}, "
+                  f"mean |diff| {diff:.4f}; final val bpb off {runs[0].get('val')} on {runs[1].get('val')}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import triton
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
@@ -61,13 +81,13 @@ def main(argv=None):
            "anchor_nanochat": ANCHOR, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
-    print(f"\n{'depth':>5} {'kernels':>7} {'tok/s':>10} {'MFU':>6} {'vs nanochat':>11} {'peak GB':>8}")
+    print(f"\n{'depth':>5} {'data':>6} {'kernels':>7} {'tok/s':>10} {'MFU':>6} {'vs nanochat':>11} {'peak GB':>8}")
     for r in results:
         if "error" in r:
             print(f"{r['depth']:>5} {str(r['kernels']):>7}  ERROR")
             continue
         ratio = r["tokens_per_s"] / ANCHOR[r["depth"]]["tokens_per_s"]
-        print(f"{r['depth']:>5} {str(r['kernels']):>7} {r['tokens_per_s']:>10,.0f} {100 * r.get('mfu', 0):>5.1f}% "
+        print(f"{r['depth']:>5} {r['data']:>6} {str(r['kernels']):>7} {r['tokens_per_s']:>10,.0f} {100 * r.get('mfu', 0):>5.1f}% "
               f"{ratio:>10.2f}x {r.get('peak_mem_gb', 0):>8.1f}")
 
 

@@ -94,6 +94,14 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) for inference must not round the rotary tables: rebuild them in float32.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            cos, sin = rotary_tables(self.cos.size(0), self.config.head_dim, self.config.rope_base, self.cos.device)
+            self.cos, self.sin = cos, sin
+        return self
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0):
         """nanochat-style init: unit-variance embedding, tiny LM head, zero output projections."""

@@ -1,0 +1,170 @@
+"""Offline serving throughput (CUDA): our engine vs HF transformers generate vs one request at a time.
+
+    python -m fastchat_core.bench.bench_serving --out bench/results/serving.json
+
+Workload (fixed seed): 256 requests, input and output lengths uniform in 100..1024, random prompt tokens,
+a d20-shaped model (MHA, or --n-kv-head for GQA) with random bf16 weights; every request generates exactly
+its output length (ignore_eos, greedy). Baselines on the same lengths:
+  hf       transformers LlamaForCausalLM with the same width/depth/heads/vocab and an MLP of equal FLOPs
+           (SwiGLU with 8/3 x dim), `generate` with a static cache, batches of --hf-batch prompts (left
+           padded), each batch generating its longest output (only the requested tokens are counted)
+  serial   our engine with max_num_seqs=1: the naive one-request-at-a-time loop, on --serial-requests
+Roofline: every decode step reads the weights once plus each running sequence's K/V; with all requests
+started together, the sum over steps of those bytes at 3.0 TB/s, plus prefill FLOPs at 801 TFLOP/s.
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+COPY_BW, MATMUL = 3.0e12, 801e12
+
+
+def workload(n, lo, hi, vocab, seed=0):
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        n_in, n_out = rng.randint(lo, hi), rng.randint(lo, hi)
+        reqs.append(([rng.randrange(vocab) for _ in range(n_in)], n_out))
+    return reqs
+
+
+def roofline_tokens_per_s(reqs, cfg, weight_bytes):
+    kv_tok = cfg.kv_bytes_per_token(2)
+    t = sum(2 * cfg.flops_per_token(len(p)) / 3 * len(p) for p, _ in reqs) / MATMUL  # prefill: forward only
+    for s in range(max(o for _, o in reqs)):
+        live = [(len(p) + s) for p, o in reqs if o > s]
+        t += (weight_bytes + kv_tok * sum(live)) / COPY_BW
+    return sum(o for _, o in reqs) / t
+
+
+def build_model(depth, n_kv_head, seed=0):
+    from fastchat_core.config import ModelConfig
+    from fastchat_core.model import GPT
+    cfg = ModelConfig(depth=depth, n_kv_head=n_kv_head)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = GPT(cfg).init_weights(seed)
+    with torch.no_grad():  # random weights everywhere (the zero-initialized projections too)
+        for p in model.parameters():
+            p.normal_(0, p.size(-1) ** -0.5)
+    return model.to(torch.bfloat16).eval(), cfg
+
+
+def run_engine(model, reqs, **kw):
+    from fastchat_core.engine import Engine
+    from fastchat_core.sampler import SamplingParams
+    engine = Engine(model, **kw)
+    warm = [[1, 2, 3, 4] * 8] * 4
+    engine.generate(warm, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # graphs, autotune
+    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    results = engine.generate([p for p, _ in reqs], params)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    n_out = sum(len(r.token_ids) for r in results)
+    assert n_out == sum(o for _, o in reqs), "engine produced a different number of tokens than requested"
+    stats = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt, "output_tok_per_s": n_out / dt,
+             "kv_blocks_free_after": engine.block_manager.num_free_blocks}
+    del engine
+    torch.cuda.empty_cache()
+    return stats, results
+
+
+def run_hf(cfg, reqs, batch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=8 * cfg.dim // 3,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hcfg).to(torch.bfloat16).eval()
+    n_tok, t_total = 0, 0.0
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i:i + batch]
+        L = max(len(p) for p, _ in chunk)
+        ids = torch.zeros(len(chunk), L, dtype=torch.long, device="cuda")
+        mask = torch.zeros_like(ids)
+        for j, (p, _) in enumerate(chunk):  # left padding
+            ids[j, L - len(p):] = torch.tensor(p)
+            mask[j, L - len(p):] = 1
+        new = max(o for _, o in chunk)
+        kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                  cache_implementation="static", pad_token_id=0)
+        if i == 0:
+            model.generate(ids[:, :32], attention_mask=mask[:, :32], max_new_tokens=8, do_sample=False,
+                           cache_implementation="static", pad_token_id=0)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t_total += time.perf_counter() - t0
+        n_tok += sum(o for _, o in chunk)
+    del model
+    torch.cuda.empty_cache()
+    return {"requests": len(reqs), "output_tokens": n_tok, "seconds": t_total, "output_tok_per_s": n_tok / t_total,
+            "batch": batch}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/results/serving.json")
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--n-kv-head", type=int, default=0)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--hf-requests", type=int, default=64)
+    p.add_argument("--hf-batch", type=int, default=64)
+    p.add_argument("--serial-requests", type=int, default=4)
+    p.add_argument("--skip", default="", help="comma list of baselines to skip: hf,serial")
+    args = p.parse_args(argv)
+    model, cfg = build_model(args.depth, args.n_kv_head)
+    reqs = workload(args.requests, 100, 1024, cfg.vocab_size)
+    # bytes read per decode step: every weight except the embedding table (only B rows of it are read)
+    weight_bytes = (cfg.num_params() - cfg.vocab_size * cfg.dim) * 2
+    bound = roofline_tokens_per_s(reqs, cfg, weight_bytes)
+    ours, _ = run_engine(model, reqs)
+    ours["pct_of_roofline"] = 100 * ours["output_tok_per_s"] / bound
+    print(f"ours: {ours}", flush=True)
+    rows = {"ours": ours}
+    skip = set(args.skip.split(","))
+    if "serial" not in skip:
+        sub = reqs[:args.serial_requests]
+        rows["serial"], _ = run_engine(model, sub, max_num_seqs=1)
+        print(f"serial: {rows['serial']}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    if "hf" not in skip:
+        try:
+            rows["hf_static"] = run_hf(cfg, reqs[:args.hf_requests], args.hf_batch)
+        except Exception as e:  # report, do not lose the engine's numbers
+            rows["hf_static"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"hf: {rows['hf_static']}", flush=True)
+    import triton
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "commit": commit or os.environ.get("FASTCHAT_COMMIT", "unknown"),
+           "model": {"depth": cfg.depth, "dim": cfg.dim, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
+                     "vocab": cfg.vocab_size, "params": cfg.num_params(), "dtype": "bfloat16"},
+           "workload": {"requests": args.requests, "in_out_uniform": [100, 1024], "seed": 0,
+                        "mean_context": sum(len(p) + o / 2 for p, o in reqs) / len(reqs)},
+           "roofline_output_tok_per_s": bound, "results": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"\nroofline (this workload): {bound:,.0f} output tok/s")
+    print(f"{'impl':<10} {'requests':>8} {'out tok/s':>10} {'vs ours':>8}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<10} ERROR {r['error'][:80]}")
+            continue
+        print(f"{name:<10} {r['requests']:>8} {r['output_tok_per_s']:>10,.0f} "
+              f"{ours['output_tok_per_s'] / r['output_tok_per_s']:>7.1f}x")
+
+
+if __name__ == "__main__":
+    main()
