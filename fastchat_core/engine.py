@@ -1,0 +1,480 @@
+"""The inference engine: continuous batching over a paged KV cache.
+
+Each `step()` asks the scheduler for a plan, then runs at most two forward passes: the batched decode (one
+token per running sequence; replayed from a CUDA graph on the GPU) and one packed prefill over every prefill
+chunk of the step. Keeping them apart is the simple correct choice: decode has fixed shapes a graph can
+capture, prefill is ragged and compute-bound. Then it samples, pastes tool output, applies the stop rules
+and returns per-request deltas. `generate()` is the synchronous batch API; `AsyncEngine` runs the steps in
+a background thread and streams deltas to asyncio code (the server).
+
+Tool use, as nanochat does it: when the model closes <|python_start|> code <|python_end|>, the code runs
+through tools.calculator (pure arithmetic, in process) or else tools.run_python (sandboxed child process),
+and <|output_start|> result <|output_end|> is forced into the sequence one token per step instead of
+sampling. Those tokens count toward max_tokens, so prompt + max_tokens always bounds a sequence's length.
+"""
+import asyncio
+import itertools
+import math
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from typing import AsyncIterator, NamedTuple
+
+import torch
+
+from fastchat_core import ops, tools
+from fastchat_core.attention import PagedBatch
+from fastchat_core.kvcache import BlockManager, num_blocks_for_memory
+from fastchat_core.sampler import SamplingParams, sample
+from fastchat_core.scheduler import Scheduler, Sequence
+
+_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Result(NamedTuple):
+    token_ids: list[int]        # generated tokens (tool output included; a stop token is the last one)
+    text: str                   # their text without a stop token, cut before a stop string ("" without tokenizer)
+    finish_reason: str          # "stop" (EOS, stop token or stop string), "length" or "abort"
+    num_prompt_tokens: int
+    num_cached_tokens: int      # prompt tokens served from the prefix cache
+
+
+class Delta(NamedTuple):
+    """What one step produced for one request."""
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    text: str = ""              # new text; held back while it could still become a stop string
+    result: Result | None = None   # the whole result, on the final delta
+
+
+class QueueFull(RuntimeError):
+    """Too many requests in flight; the server answers 429."""
+
+
+class ModelRunner:
+    """Owns the KV cache tensors and runs the model's paged forward for a planned batch."""
+
+    def __init__(self, model, block_manager: BlockManager, max_num_seqs: int, max_model_len: int,
+                 use_cuda_graphs: bool):
+        cfg, p = model.config, next(model.parameters())
+        self.model, self.bm, self.device = model, block_manager, p.device
+        shape = (block_manager.num_blocks, block_manager.block_size, cfg.n_kv_head, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=p.dtype, device=self.device),
+                           torch.zeros(shape, dtype=p.dtype, device=self.device)) for _ in range(cfg.n_layer)]
+        self.max_blocks = math.ceil(max_model_len / block_manager.block_size)
+        self.graphs = {}   # batch size -> (graph, its output logits)
+        if use_cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs(max_num_seqs)
+
+    def _host(self, data, dtype):
+        # pinned, so the copy to the GPU is asynchronous (the caching host allocator keeps it alive until done)
+        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
+
+    def _tensor(self, data, dtype):
+        return self._host(data, dtype).to(self.device, non_blocking=True)
+
+    def _tables(self, seqs):
+        tables = [self.bm.block_table(s) for s in seqs]
+        width = max(map(len, tables))
+        return [t + [0] * (width - len(t)) for t in tables]
+
+    def copy_blocks(self, copies):
+        mapping = self._tensor(copies, torch.int64)
+        for k_cache, v_cache in self.kv_caches:
+            ops.copy_blocks(k_cache, v_cache, mapping)
+
+    def decode(self, seqs) -> torch.Tensor:
+        """Logits (B, V) for the newest token of each sequence, whose slot is already reserved."""
+        ids = [s.token_ids[-1] for s in seqs]
+        ctx = [len(s.token_ids) for s in seqs]
+        pos = [n - 1 for n in ctx]
+        slots = [self.bm.slot_mapping(s, n - 1, n)[0] for s, n in zip(seqs, ctx)]
+        n = len(seqs)
+        bs = min((b for b in self.graphs if b >= n), default=None)   # the smallest captured size that fits
+        if bs is None:
+            batch = PagedBatch(False, self._tensor(slots, torch.int64), self._tensor(self._tables(seqs), torch.int32),
+                               self._tensor(ctx, torch.int32))
+            return self.model.forward_paged(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64),
+                                            batch, self.kv_caches)
+        # Pad to the captured size: padding rows write nowhere (slot -1) and read one token of their first block.
+        # Table entries past a row's context are never read, so only the columns in use are copied.
+        pad = bs - n
+        s_ids, s_pos, s_slots, s_ctx, s_tables = self.static
+        s_ids[:bs].copy_(self._host(ids + [0] * pad, torch.int64), non_blocking=True)
+        s_pos[:bs].copy_(self._host(pos + [0] * pad, torch.int64), non_blocking=True)
+        s_slots[:bs].copy_(self._host(slots + [-1] * pad, torch.int64), non_blocking=True)
+        s_ctx[:bs].copy_(self._host(ctx + [1] * pad, torch.int32), non_blocking=True)
+        tables = self._tables(seqs)
+        s_tables[:n, :len(tables[0])].copy_(self._host(tables, torch.int32), non_blocking=True)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:n]
+
+    def prefill(self, chunks, want_logits) -> torch.Tensor:
+        """One packed forward over chunks [(seq, n)]: computes token_ids[num_computed:+n] of each; returns the
+        logits of each chunk's last token where want_logits[i] (the chunks that finish their prefill)."""
+        ids, pos, slots, qlens, ctxs = [], [], [], [], []
+        for seq, n in chunks:
+            c = seq.num_computed
+            ids += seq.token_ids[c:c + n]
+            pos += range(c, c + n)
+            slots += self.bm.slot_mapping(seq, c, c + n)
+            qlens.append(n)
+            ctxs.append(c + n)
+        last = list(itertools.accumulate(qlens))
+        rows = [end - 1 for end, want in zip(last, want_logits) if want]
+        batch = PagedBatch(True, self._tensor(slots, torch.int64),
+                           self._tensor(self._tables([s for s, _ in chunks]), torch.int32),
+                           self._tensor(ctxs, torch.int32), qlens, ctxs)
+        return self.model.forward_paged(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64), batch,
+                                        self.kv_caches, logits_at=self._tensor(rows, torch.int64))
+
+    @torch.inference_mode()
+    def _capture_graphs(self, max_num_seqs):
+        """One CUDA graph per decode batch-size bucket, largest first so the smaller ones reuse its memory pool.
+        The block-table width is fixed at the longest possible sequence."""
+        sizes = [b for b in _GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
+        m = max_num_seqs
+        i32, i64 = dict(dtype=torch.int32, device=self.device), dict(dtype=torch.int64, device=self.device)
+        # ids, positions, slots, context lengths, block tables; every row starts as padding
+        self.static = (torch.zeros(m, **i64), torch.zeros(m, **i64), torch.full((m,), -1, **i64), torch.ones(m, **i32),
+                       torch.zeros(m, self.max_blocks, **i32))
+        s_ids, s_pos, s_slots, s_ctx, s_tables = self.static
+        pool = None
+        for bs in reversed(sizes):
+            args = (s_ids[:bs], s_pos[:bs], PagedBatch(False, s_slots[:bs], s_tables[:bs], s_ctx[:bs]), self.kv_caches)
+            self.model.forward_paged(*args)   # warm-up: Triton autotuning and cuBLAS set-up must not be captured
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.forward_paged(*args)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache; see the module docstring."""
+
+    def __init__(self, model, tokenizer=None, *, num_blocks=None, block_size=16, kv_fraction=0.9, max_num_seqs=256,
+                 max_num_batched_tokens=8192, enable_prefix_caching=True, use_cuda_graphs=True, device=None):
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        p, cfg = next(model.parameters()), model.config
+        self.device = p.device
+        if num_blocks is None:
+            if self.device.type == "cuda":
+                free = torch.cuda.mem_get_info(self.device)[0]
+                num_blocks = num_blocks_for_memory(free, kv_fraction, cfg.n_layer, cfg.n_kv_head, cfg.head_dim,
+                                                   block_size, p.element_size())
+            else:
+                num_blocks = 512
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.max_context = model.cos.size(0)            # the rotary table: 4x the training length
+        self.cache_tokens = num_blocks * block_size
+        self.runner = ModelRunner(model, self.block_manager, max_num_seqs,
+                                  min(self.max_context, self.cache_tokens), use_cuda_graphs)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.seed()                            # unseeded requests: fresh randomness per engine
+        self.eos_ids, self.tool_ids = set(), None
+        if tokenizer is not None:
+            sp = tokenizer.encode_special
+            self.eos_ids = {sp("<|assistant_end|>"), sp("<|bos|>")}
+            self.tool_ids = tuple(sp(f"<|{t}|>") for t in ("python_start", "python_end", "output_start", "output_end"))
+        self.requests: dict[str, Sequence] = {}
+        self.counters = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, cached_tokens=0,
+                             generated_tokens=0)
+        self.ttft = deque(maxlen=1000)    # seconds from add_request to the first token, recent requests
+        self.itl = deque(maxlen=10000)    # seconds between consecutive tokens of a request
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids, params: SamplingParams):
+        """Raise ValueError with the fix for a request that could never run. Reads nothing that steps change,
+        so AsyncEngine calls it from the event loop thread."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if len(prompt_ids) == 0:
+            raise ValueError("empty prompt: pass at least one token id (a chat prompt starts with <|bos|>)")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab}): encode text with the model's tokenizer")
+        n, total = len(prompt_ids), len(prompt_ids) + params.max_tokens
+        if n >= self.max_context:
+            raise ValueError(f"prompt of {n} tokens is too long for the model's context of {self.max_context} "
+                             f"tokens: shorten it to at most {self.max_context - 1}")
+        if total > self.max_context:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                             f"of {self.max_context} tokens: lower max_tokens to at most {self.max_context - n}")
+        if total > self.cache_tokens:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) needs more than the whole KV "
+                             f"cache ({self.cache_tokens} tokens): lower max_tokens or give the engine more blocks "
+                             "(num_blocks, or a larger kv_fraction)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings are matched on text: create the Engine with a tokenizer")
+
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id=None) -> str:
+        params = params or SamplingParams()
+        prompt_ids = list(prompt_ids)
+        self.check_request(prompt_ids, params)
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, prompt_ids, params, gen)
+        seq.arrival_time = time.perf_counter()
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(prompt_ids)
+        return request_id
+
+    def abort(self, request_id) -> bool:
+        """Drop a request and free its blocks now, whatever stage it is at; False if it is not in flight."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self.counters["aborted"] += 1
+        self.counters["cached_tokens"] += seq.num_cached_tokens or 0
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Delta]:
+        decodes, prefills, copies = self.scheduler.schedule()
+        if copies:
+            self.runner.copy_blocks(copies)
+        logits, ready = [], []
+        if decodes:
+            logits.append(self.runner.decode(decodes))
+            ready += decodes
+            for seq in decodes:
+                seq.num_computed += 1
+        if prefills:
+            done = [seq.num_computed + n == seq.prefill_len for seq, n in prefills]
+            logits.append(self.runner.prefill(prefills, done))
+            for (seq, n), d in zip(prefills, done):
+                seq.num_computed += n
+                self.block_manager.mark_computed(seq, seq.num_computed)   # share the prompt from now on
+                if d:
+                    ready.append(seq)
+        if not ready:
+            return []
+        tokens = self._next_tokens(ready, torch.cat(logits))
+        now = time.perf_counter()
+        return [self._append(seq, token, now) for seq, token in zip(ready, tokens)]
+
+    def _next_tokens(self, seqs, logits) -> list[int]:
+        """Pasted tool output where some is pending, sampled tokens elsewhere."""
+        rows = [i for i, s in enumerate(seqs) if not s.forced]
+        sampled = iter(self._sample([seqs[i] for i in rows], logits[rows]) if rows else [])
+        return [s.forced.popleft() if s.forced else next(sampled) for s in seqs]
+
+    def _sample(self, seqs, logits) -> list[int]:
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator).tolist()
+
+    def _append(self, seq: Sequence, token: int, now: float) -> Delta:
+        """Add one token to a sequence, apply tools and stop rules, and say what is new."""
+        seq.token_ids.append(token)
+        self.counters["generated_tokens"] += 1
+        if seq.last_token_time is None:
+            self.ttft.append(now - seq.arrival_time)
+        else:
+            self.itl.append(now - seq.last_token_time)
+        seq.last_token_time = now
+        p = seq.params
+        stopped_by_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        reason = "stop" if stopped_by_token else "length" if seq.num_output_tokens >= p.max_tokens else None
+        if reason is None and self.tool_ids and token == self.tool_ids[1]:
+            self._call_tool(seq)
+        if self.tokenizer is not None:
+            reason = self._update_text(seq, reason, stopped_by_token)
+        held = 0 if reason else max(map(len, p.stop), default=1) - 1
+        text = seq.text[seq.sent_chars:max(seq.sent_chars, len(seq.text) - held)]
+        seq.sent_chars += len(text)
+        result = None
+        if reason:
+            del self.requests[seq.request_id]
+            self.scheduler.finish(seq, reason)
+            self.counters["finished"] += 1
+            self.counters["cached_tokens"] += seq.num_cached_tokens or 0
+            result = Result(seq.output_ids, seq.text, reason, seq.num_prompt_tokens, seq.num_cached_tokens or 0)
+        return Delta(seq.request_id, [token], reason is not None, reason, text, result)
+
+    def _update_text(self, seq: Sequence, reason, stopped_by_token) -> str | None:
+        """Decode the new tokens (not a stop token) into seq.text and look for stop strings; returns the reason."""
+        end = seq.num_output_tokens - stopped_by_token
+        pending = seq.token_ids[seq.num_prompt_tokens + seq.read_offset:seq.num_prompt_tokens + end]
+        if pending:
+            piece = self.tokenizer.decode(pending)
+            # A character split across tokens decodes as U+FFFD until its last byte (at most 4 tokens) arrives.
+            if reason or not piece.endswith("\ufffd") or len(pending) >= 4:
+                old = len(seq.text)
+                seq.text += piece
+                seq.read_offset = end
+                longest = max(map(len, seq.params.stop), default=0)
+                hits = [i for i in (seq.text.find(s, max(0, old - longest + 1)) for s in seq.params.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[:min(hits)]
+                    return "stop"
+        return reason
+
+    def _call_tool(self, seq: Sequence):
+        """The model closed a tool call: run the code since the last <|python_start|> and queue its output."""
+        start, end, out_start, out_end = self.tool_ids
+        ids = seq.token_ids
+        for i in range(len(ids) - 2, -1, -1):
+            if ids[i] == end:
+                return   # the last call was closed already: this <|python_end|> has no code to run
+            if ids[i] == start:
+                break
+        else:
+            return
+        code = self.tokenizer.decode(ids[i + 1:-1])
+        output = tools.calculator(code)
+        if output is None:
+            output = tools.run_python(code).output
+        seq.forced.extend([out_start, *self.tokenizer.encode(output.strip()), out_end])
+
+    # ---- synchronous API --------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list | None = None) -> list[Result]:
+        """Run a batch of prompts to completion; results in prompt order. Drives step() itself, so do not
+        mix it with another consumer of step() on the same engine."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: pass one, or one each")
+        for prompt, p in zip(prompts, params):   # all or nothing: reject before queueing any
+            self.check_request(list(prompt), p)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        results = {}
+        while len(results) < len(ids):
+            for delta in self.step():
+                if delta.finished:
+                    results[delta.request_id] = delta.result
+        return [results[i] for i in ids]
+
+    def metrics(self) -> dict:
+        """Counters and gauges for /metrics; ttft_s / itl_s are recent latency samples in seconds."""
+        return {**self.counters, "preemptions": self.scheduler.num_preemptions,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.block_manager.num_used_blocks, "kv_blocks_total": self.block_manager.num_blocks,
+                "ttft_s": list(self.ttft), "itl_s": list(self.itl)}
+
+
+class AsyncEngine:
+    """Runs an Engine's steps in a background thread and streams each request's deltas to asyncio code.
+
+    The thread owns the engine: requests and aborts reach it through a command queue and are applied
+    between steps, and deltas go back to each stream's asyncio queue on its event loop. At most
+    max_num_seqs + max_waiting requests may be in flight; beyond that `stream` raises QueueFull.
+    """
+
+    def __init__(self, engine: Engine, max_waiting: int = 256):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="fastchat-engine", daemon=True)
+        self._thread.start()
+
+    async def stream(self, prompt_ids, params: SamplingParams | None = None, request_id=None) -> AsyncIterator[Delta]:
+        """Yield the request's deltas as they are produced. The first `__anext__` raises QueueFull when the
+        engine is saturated and ValueError for a request that can never run, before anything is queued.
+        Leaving early aborts the request and frees its blocks: a cancelled task does so at once; a consumer
+        that just stops iterating should close the stream (`async with contextlib.aclosing(...)`)."""
+        params = params or SamplingParams()
+        prompt_ids = list(prompt_ids)
+        self.engine.check_request(prompt_ids, params)
+        if self._closed:
+            raise RuntimeError("the AsyncEngine is closed")
+        if len(self._streams) >= self.engine.scheduler.max_num_seqs + self.max_waiting:
+            raise QueueFull(f"{len(self._streams)} requests in flight: try again later")
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        deltas = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), deltas)
+        self._send(("add", prompt_ids, params, request_id))
+        finished = False
+        try:
+            while not finished:
+                delta = await deltas.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                finished = delta.finished
+                yield delta
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def metrics(self) -> dict:
+        return {**self.engine.metrics(), "in_flight": len(self._streams)}
+
+    def close(self):
+        """Stop the background thread (in-flight streams get an error)."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join()
+
+    def _send(self, command):
+        self._commands.put(command)
+        self._wake.set()
+
+    def _deliver(self, request_id, item):
+        target = self._streams.get(request_id)
+        if target is None:
+            return   # the stream is gone; its abort is on the way
+        loop, deltas = target
+        try:
+            loop.call_soon_threadsafe(deltas.put_nowait, item)
+        except RuntimeError:   # that event loop is closed
+            pass
+
+    def _run(self):
+        engine = self.engine
+        while not self._closed:
+            self._wake.clear()
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    if command[0] == "add":
+                        engine.add_request(*command[1:])
+                    else:
+                        engine.abort(command[1])
+                except Exception as e:   # e.g. a duplicate id: only that request fails
+                    self._deliver(command[-1], e)
+            if not engine.has_unfinished():
+                self._wake.wait()
+                continue
+            try:
+                deltas = engine.step()
+            except Exception as e:   # never leave a stream hanging: fail everything in flight, keep serving
+                for request_id in list(engine.requests):
+                    engine.abort(request_id)
+                    self._deliver(request_id, e)
+                continue
+            for delta in deltas:
+                self._deliver(delta.request_id, delta)
+        for request_id in list(self._streams):
+            self._deliver(request_id, RuntimeError("the AsyncEngine was closed"))
