@@ -105,3 +105,31 @@ def load_checkpoint(ckpt_dir, model, optimizers=None, device="cpu"):
 
 def _unwrap(model):
     return getattr(model, "_orig_mod", model)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, or a run folder (its latest checkpoint); a clear error otherwise."""
+    path = Path(path)
+    if (path / "model.pt").exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise SystemExit(f"no checkpoint at {path}: train one first (e.g. `fastchat train base`) or pass its folder")
+    return latest
+
+
+def load_model(path, device="cpu", dtype=None):
+    """Rebuild the GPT a checkpoint (or run folder) holds; returns (model, meta). For inference pass
+    dtype=torch.bfloat16 on GPU."""
+    from fastchat_core.config import ModelConfig
+    from fastchat_core.model import GPT
+    ckpt = resolve_checkpoint(path)
+    meta = load_meta(ckpt)
+    with torch.device("meta"):
+        model = GPT(ModelConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # rebuilds the rotary buffers; the weights are overwritten next
+    model.load_state_dict(load_model_state(ckpt, device))
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), meta
