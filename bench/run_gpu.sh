@@ -1,45 +1,47 @@
 #!/usr/bin/env bash
-# The GPU measurement campaign, in phases that each fit one device call:
+# The GPU measurement campaign, in phases that each fit one device call, run in the order given:
 #   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving
+# "prebuilt" instead of "setup" installs around a carried fastchat_core/_C*.so without compiling.
 # Every phase writes its full output under $OUT (JSON + logs); the tables print last.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" FASTCHAT_DATA="${FASTCHAT_DATA:-$PWD/.data}"
 mkdir -p "$OUT"
-phases=",${1:-setup,tests,kernels,train},"
-has() { [[ "$phases" == *",$1,"* ]]; }
 
 # Carried wheels (liger-kernel, uvicorn, starlette...) go to a private site dir: nothing is downloaded.
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-if has setup; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  # A broken CUDA build must not hide everything else: fall back to the CPU-only extension and say so.
-  ( time MAX_JOBS=16 python3 -m pip install -q -e . --no-build-isolation --no-deps ) > "$OUT/build.log" 2>&1 \
-    || { echo "CUDA BUILD FAILED (see build.log); installing CPU-only extension"; grep -m20 -B2 -A8 "error" "$OUT/build.log";
-         FASTCHAT_NO_CUDA=1 python3 -m pip install -q -e . --no-build-isolation --no-deps; }
-  tail -3 "$OUT/build.log"
-  cp fastchat_core/_C*.so "$OUT/" 2>/dev/null  # carry it back in later calls to skip the build
-fi
-if has prebuilt; then  # fastchat_core/_C*.so was carried in: install without compiling
-  FASTCHAT_NO_EXT=1 python3 -m pip install -q -e . --no-build-isolation --no-deps
-fi
-if has tests; then
-  python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-fi
-if has kernels; then
-  KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider \
-    --benchmark-json="$OUT/kernels_raw.json" -s 2>&1 | tee "$OUT/kernels.log" | tail -40
-fi
-if has train; then
-  python3 -m fastchat_core.bench.bench_train --out "$OUT/train_d20.json" --profile-dir "$OUT" ${TRAIN_ARGS:-} 2>&1 \
-    | tee "$OUT/train.log" | tail -30
-fi
-if has decode; then
-  python3 -m fastchat_core.bench.bench_decode_attention --out "$OUT/decode_attention.json" 2>&1 | tee "$OUT/decode.log" | tail -30
-fi
-if has serving; then
-  python3 -m fastchat_core.bench.bench_serving --out "$OUT/serving.json" 2>&1 | tee "$OUT/serving.log" | tail -30
-fi
+
+for phase in ${1//,/ }; do
+  echo "=== $phase"
+  case "$phase" in
+    setup)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      # A broken CUDA build must not hide everything else: fall back to the CPU-only extension and say so.
+      ( time MAX_JOBS=16 python3 -m pip install -q -e . --no-build-isolation --no-deps ) > "$OUT/build.log" 2>&1 \
+        || { echo "CUDA BUILD FAILED (see build.log); installing CPU-only extension"
+             grep -m20 -B2 -A8 "error" "$OUT/build.log"
+             FASTCHAT_NO_CUDA=1 python3 -m pip install -q -e . --no-build-isolation --no-deps; }
+      tail -3 "$OUT/build.log"
+      cp fastchat_core/_C*.so "$OUT/" 2>/dev/null ;;  # carry it back in later calls to skip the build
+    prebuilt)
+      FASTCHAT_NO_EXT=1 python3 -m pip install -q -e . --no-build-isolation --no-deps ;;
+    tests)
+      python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    kernels)
+      KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider \
+        --benchmark-json="$OUT/kernels_raw.json" -s 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    train)
+      python3 -m fastchat_core.bench.bench_train --out "$OUT/train_d20.json" --profile-dir "$OUT" ${TRAIN_ARGS:-} 2>&1 \
+        | tee "$OUT/train.log" | tail -30 ;;
+    decode)
+      python3 -m fastchat_core.bench.bench_decode_attention --out "$OUT/decode_attention.json" 2>&1 \
+        | tee "$OUT/decode.log" | tail -30 ;;
+    serving)
+      python3 -m fastchat_core.bench.bench_serving --out "$OUT/serving.json" 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+    *)
+      echo "unknown phase: $phase"; exit 2 ;;
+  esac
+done
