@@ -32,9 +32,9 @@ def extensions():
         and CUDA_HOME is not None
         and os.environ.get("FASTCHAT_NO_CUDA", "0") != "1"
     )
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # torch picks the C++ standard its headers need (C++20 in recent releases)
     if use_cuda:
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-DUSE_CUDA"]
+        nvcc = ["-O3", "--use_fast_math", "-DUSE_CUDA"]
         # Hopper first; the arch list can be overridden with TORCH_CUDA_ARCH_LIST as usual.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return [CUDAExtension("fastchat_core._C", sources + cuda_sources,
