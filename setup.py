@@ -73,10 +73,11 @@ setup(
         "pyarrow",
         "regex",
         "triton==3.6.0; platform_system == 'Linux'",  # kernels on CUDA; its interpreter runs them in CPU tests
+        "uvicorn",
+        "starlette",
     ],
     extras_require={
-        "serve": ["uvicorn", "starlette"],
-        "test": ["pytest", "uvicorn", "starlette", "httpx", "matplotlib"],
+        "test": ["pytest", "uvicorn", "starlette", "httpx", "websockets", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastchat = fastchat_core.cli:main"]},
 )

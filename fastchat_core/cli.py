@@ -9,11 +9,15 @@ import sys
 # subcommand -> (module, help); "train" has stages of its own.
 COMMANDS = {
     "tokenizer": ("fastchat_core.train.tokenizer", "train or evaluate the BPE tokenizer"),
+    "chat": ("fastchat_core.chat_cli", "chat with a model in the terminal (-p for one question)"),
+    "serve": ("fastchat_core.serve", "OpenAI-compatible server + web UI (--port, --api-key, ...)"),
     "report": ("fastchat_core.report", "write the markdown report card of a whole run"),
     "speedrun": ("fastchat_core.train.speedrun", "every stage in order, tokenizer to chat (--preset tiny|d12|d20|d26)"),
 }
 TRAIN_STAGES = {
     "base": ("fastchat_core.train.base", "pretrain a base model (torchrun for several GPUs)"),
+    "mid": ("fastchat_core.train.mid", "midtrain a base model on chat, tool use and multiple choice"),
+    "sft": ("fastchat_core.train.sft", "supervised fine-tuning on a curated chat mixture"),
     "eval": ("fastchat_core.train.eval", "evaluate a checkpoint: CORE, bits per byte, ChatCORE"),
     "rl": ("fastchat_core.train.rl", "reinforcement learning on GSM8K with GRPO, from the SFT model"),
 }

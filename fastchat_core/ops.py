@@ -47,7 +47,8 @@ def newton_schulz(G, steps=5):
     if _kernel(G):
         from fastchat_core.triton_kernels.muon_ns import newton_schulz_triton
         return newton_schulz_triton(G, steps)
-    return newton_schulz_reference(G, steps)
+    # bf16 is a GPU speed trick; CPUs without bf16 units emulate it slowly, so they iterate in fp32
+    return newton_schulz_reference(G, steps, dtype=torch.bfloat16 if G.is_cuda else torch.float32)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):

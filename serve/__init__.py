@@ -1,0 +1,56 @@
+"""`fastchat serve` / `python -m fastchat_core.serve`: the OpenAI-compatible chat server and web UI.
+
+One Engine per process, shared by every request through an AsyncEngine; see app.py for the routes.
+Run one server per GPU and put a load balancer in front to use several.
+"""
+import argparse
+import os
+
+
+def get_args(argv=None):
+    from fastchat_core.chat_cli import add_model_args
+    p = argparse.ArgumentParser(prog="fastchat serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (the log says which)")
+    p.add_argument("--api-key", default=os.environ.get("FASTCHAT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default $FASTCHAT_API_KEY; unset = open)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together in one batch")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait beyond the running batch; more get 429 Too Many Requests")
+    p.add_argument("--model-name", default=None, help="the model id the API reports (default: <stage>-<run>)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on SIGTERM / Ctrl-C, seconds to let in-flight requests finish before cancelling them")
+    args = p.parse_args(argv)
+    if args.max_num_seqs < 1 or args.max_queue < 0:
+        p.error("--max-num-seqs must be >= 1 and --max-queue >= 0")
+    return args
+
+
+def create_app(args):
+    """The ASGI app for parsed arguments: load the checkpoint, start the engine thread, build the routes."""
+    from fastchat_core.chat_cli import load_engine
+    from fastchat_core.engine import AsyncEngine
+    from fastchat_core.serve.app import build_app
+
+    engine, _, ckpt = load_engine(args, max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=max(8192, args.max_num_seqs))
+    name = args.model_name or f"{ckpt.parent.parent.name}-{ckpt.parent.name}"   # e.g. sft-d20
+    return build_app(AsyncEngine(engine, max_waiting=args.max_queue), model_name=name, api_key=args.api_key)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        import uvicorn
+        import starlette  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"fastchat serve needs uvicorn and starlette ({e}): pip install 'fastchat-core[serve]'")
+    app = create_app(args)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_timeout,
+                    log_level="info")
+    except KeyboardInterrupt:   # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a clean exit
+        pass
+    return 0

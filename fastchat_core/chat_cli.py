@@ -1,0 +1,156 @@
+"""Chat with a trained model in the terminal: `fastchat chat` (interactive) or `fastchat chat -p "question"`.
+
+The Engine runs in this process, no server. The conversation is kept as messages and re-rendered each turn
+(the prefix cache makes the repeated history nearly free). In the interactive chat /clear starts a new
+conversation, /exit (or Ctrl-D) quits, and Ctrl-C stops the answer being written.
+Tool calls stream like any text; on a terminal they are coloured, elsewhere they keep their raw markers.
+
+Also home to what `fastchat serve` shares with it: picking the default checkpoint and loading an Engine.
+"""
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fastchat_core.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
+from fastchat_core.common import home_dir
+from fastchat_core.engine import Engine
+from fastchat_core.sampler import SamplingParams
+from fastchat_core.serve.schemas import assistant_parts
+from fastchat_core.tokenizer import get_tokenizer
+
+STAGES = ("rl", "sft", "mid", "base")   # most finished first
+_DIM, _CYAN, _RESET = "\033[2m", "\033[36m", "\033[0m"
+_TERMINAL_STYLE = {"<|python_start|>": f"{_CYAN}[python] ", "<|python_end|>": f"{_RESET}\n",
+                   "<|output_start|>": f"{_DIM}[output] ", "<|output_end|>": f"{_RESET}\n"}
+
+
+def default_checkpoint() -> Path:
+    """The newest checkpoint of the most finished stage: $FASTCHAT_HOME/{rl,sft,mid,base}/<run>, in that order."""
+    home = home_dir()
+    for stage in STAGES:
+        found = [c for run in (home / stage).glob("*") if (c := latest_checkpoint(run)) is not None]
+        if found:
+            return max(found, key=lambda c: c.stat().st_mtime)
+    raise SystemExit(f"no checkpoint under {home}/{{{','.join(STAGES)}}}: train one (`fastchat train base`) "
+                     "or pass --checkpoint DIR")
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint or run folder (default: the latest under $FASTCHAT_HOME/rl, else sft, mid, base)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (default: the checkpoint's training tokenizer, else $FASTCHAT_HOME/tokenizer)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+
+
+def load_engine(args, **engine_kwargs):
+    """(Engine, tokenizer, checkpoint folder) for the arguments of add_model_args."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    ckpt = resolve_checkpoint(args.checkpoint or default_checkpoint())
+    model, meta = load_model(ckpt, device, dtype)
+    try:
+        tok = get_tokenizer(args.tokenizer or meta.get("args", {}).get("tokenizer"))
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}\n(or pass --tokenizer PATH: the tokenizer {ckpt} was trained with)") from None
+    if tok.vocab_size != model.config.vocab_size:
+        raise SystemExit(f"the tokenizer has {tok.vocab_size} tokens but {ckpt} was trained with "
+                         f"{model.config.vocab_size}: pass --tokenizer with the one it was trained with")
+    return Engine(model, tok, **engine_kwargs), tok, ckpt
+
+
+def styled(text: str, terminal: bool) -> str:
+    for marker, style in _TERMINAL_STYLE.items() if terminal else ():
+        text = text.replace(marker, style)
+    return text
+
+
+def reply(engine: Engine, tok, messages, params: SamplingParams, out) -> str:
+    """Stream the assistant's answer to `out`; returns its text. Ctrl-C stops it early (the text so far counts).
+    Raises ValueError when the conversation no longer fits the context."""
+    prompt = tok.render_for_completion(messages)
+    room = min(engine.max_context, engine.cache_tokens) - len(prompt)
+    if room < 1:
+        raise ValueError(f"the conversation ({len(prompt)} tokens) fills the model's context: /clear to start over")
+    request_id = engine.add_request(prompt, replace(params, max_tokens=min(params.max_tokens, room)))
+    terminal, text = out.isatty(), ""
+    try:
+        while engine.has_unfinished():
+            for delta in engine.step():
+                text += delta.text
+                out.write(styled(delta.text, terminal))
+                out.flush()
+    except KeyboardInterrupt:
+        engine.abort(request_id)
+    out.write(_RESET + "\n" if terminal else "\n")
+    return text
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(prog="fastchat chat", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="ask one question, print the answer and exit")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible answers")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    out = sys.stdout
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"fastchat chat: {e}") from None
+    engine, tok, ckpt = load_engine(args, max_num_seqs=1, max_num_batched_tokens=2048)
+    if args.prompt is not None:
+        try:
+            reply(engine, tok, [{"role": "user", "content": args.prompt}], params, out)
+        except ValueError as e:
+            raise SystemExit(f"fastchat chat: {e}") from None
+        return 0
+    try:
+        import readline  # noqa: F401  (line editing for input())
+    except ImportError:
+        pass
+    out.write(f"chatting with {ckpt}\ntype a message; /clear starts a new conversation, /exit quits\n")
+    messages = []
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if line == "/exit":
+            break
+        if line == "/clear":
+            messages = []
+            out.write("(new conversation)\n")
+            continue
+        if not line or line.startswith("/"):
+            if line:
+                out.write(f"unknown command {line!r}: /clear or /exit\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        out.write("assistant> ")
+        try:
+            text = reply(engine, tok, messages, params, out)
+        except ValueError as e:
+            out.write(f"\n{e}\n")
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": assistant_parts(text)})
+    out.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from fastchat_core.serve import main
+
+sys.exit(main())

@@ -1,0 +1,337 @@
+"""The HTTP server: OpenAI-compatible chat and text completions over one shared AsyncEngine, the web UI at /,
+/health and Prometheus /metrics.
+
+A request is validated (schemas.py) and checked against the engine before anything is queued, so a bad one
+gets a 4xx naming its fault and a full server a 429 with Retry-After. An accepted request runs as one task
+per choice, each reading its engine stream; when the client goes away the tasks are cancelled, which aborts
+the engine requests and frees their KV blocks at once. Streams are server-sent events in OpenAI's chunk
+format, ending with `data: [DONE]`. Shutdown (SIGTERM, Ctrl-C) is uvicorn's: stop accepting, let in-flight
+responses finish, then the lifespan hook stops the engine thread.
+"""
+import asyncio
+import bisect
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from fastchat_core.engine import AsyncEngine, QueueFull
+from fastchat_core.serve.schemas import GenerationRequest, RequestError, chat_request, completion_request, parse_json
+
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count, rendered by hand."""
+
+    def __init__(self, name, help_, buckets):
+        self.name, self.help, self.buckets = name, help_, buckets
+        self.counts = [0] * (len(buckets) + 1)   # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float):
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1   # first bucket with le >= seconds
+        self.sum += seconds
+
+    def render(self) -> list[str]:
+        lines, total = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"], 0
+        for le, count in zip([*map(str, self.buckets), "+Inf"], self.counts):
+            total += count
+            lines.append(f'{self.name}_bucket{{le="{le}"}} {total}')
+        return lines + [f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {total}"]
+
+
+class Metrics:
+    def __init__(self):
+        self.responses = Counter()   # (route, status) -> count
+        self.ttft = Histogram("fastchat_time_to_first_token_seconds",
+                              "Seconds from a request's arrival to its first token (per choice).",
+                              (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.itl = Histogram("fastchat_inter_token_latency_seconds", "Seconds between consecutive tokens of a choice.",
+                             (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+    def render(self, engine: dict, in_flight: int) -> str:
+        lines = ["# HELP fastchat_http_responses_total HTTP responses by route and status.",
+                 "# TYPE fastchat_http_responses_total counter"]
+        lines += [f'fastchat_http_responses_total{{route="{r}",status="{s}"}} {n}'
+                  for (r, s), n in sorted(self.responses.items())]
+
+        def metric(name, kind, help_, value, labels=""):
+            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"])
+
+        lines += ["# HELP fastchat_engine_requests_total Engine requests by outcome.",
+                  "# TYPE fastchat_engine_requests_total counter"]
+        lines += [f'fastchat_engine_requests_total{{outcome="{k}"}} {engine[k]}' for k in ("finished", "aborted")]
+        metric("fastchat_prompt_tokens_total", "counter", "Prompt tokens of all requests.", engine["prompt_tokens"])
+        metric("fastchat_prompt_tokens_cached_total", "counter", "Prompt tokens served from the prefix cache.",
+               engine["cached_tokens"])
+        metric("fastchat_generation_tokens_total", "counter", "Tokens generated (tool output included).",
+               engine["generated_tokens"])
+        metric("fastchat_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
+               engine["preemptions"])
+        metric("fastchat_requests_in_flight", "gauge", "Choices accepted and not yet finished.", in_flight)
+        metric("fastchat_requests_waiting", "gauge", "Sequences queued in the engine (queue depth).", engine["waiting"])
+        metric("fastchat_requests_running", "gauge", "Sequences in the engine's running batch.", engine["running"])
+        metric("fastchat_kv_blocks_used", "gauge", "KV cache blocks held by sequences.", engine["kv_blocks_used"])
+        metric("fastchat_kv_blocks_total", "gauge", "KV cache blocks in all.", engine["kv_blocks_total"])
+        return "\n".join(lines + self.ttft.render() + self.itl.render()) + "\n"
+
+
+class CountResponses:
+    """ASGI middleware: counts responses by route and status for /metrics (unknown paths as "other", so
+    scanners cannot blow up the label set)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.responses[route, message["status"]] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class Generation:
+    """One accepted request: a task per choice pumps its engine stream into one queue. `close` cancels the
+    tasks, and a cancelled stream aborts its engine request (freeing its KV blocks)."""
+
+    def __init__(self, engine: AsyncEngine, req: GenerationRequest, live: set, metrics: Metrics):
+        self.n, self.metrics, self.start = len(req.params), metrics, time.perf_counter()
+        self._queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(engine, i, req.prompt_ids, p)) for i, p in enumerate(req.params)]
+        for task in self._tasks:   # `live` counts accepted choices until their task is done, cancelled or not
+            live.add(task)
+            task.add_done_callback(live.discard)
+
+    async def _pump(self, engine, index, prompt_ids, params):
+        try:
+            async for delta in engine.stream(prompt_ids, params):
+                self._queue.put_nowait((index, delta))
+        except Exception as e:   # handed to the reader, which decides how to report it
+            self._queue.put_nowait((index, e))
+
+    async def deltas(self):
+        """(choice index, Delta) until every choice has finished; a failed choice raises its error."""
+        last, pending = [None] * self.n, self.n
+        while pending:
+            index, delta = await self._queue.get()
+            if isinstance(delta, Exception):
+                raise delta
+            now = time.perf_counter()
+            if last[index] is None:
+                self.metrics.ttft.observe(now - self.start)
+            else:
+                self.metrics.itl.observe(now - last[index])
+            last[index] = now
+            pending -= delta.finished
+            yield index, delta
+
+    def close(self):
+        for task in self._tasks:
+            task.cancel()   # a no-op on finished tasks
+
+
+def _engine_error(e: Exception) -> RequestError:
+    if isinstance(e, QueueFull):
+        return RequestError(f"the server is busy ({e})", code="queue_full", status=429, type="rate_limit_error",
+                            headers={"Retry-After": "1"})
+    if isinstance(e, ValueError):
+        return RequestError(str(e))
+    return RequestError(f"generation failed: {type(e).__name__}: {e}", code="engine_error", status=500,
+                        type="server_error")
+
+
+async def _until_disconnect(receive):
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ChatServer:
+    """The routes' shared state: one AsyncEngine for all requests, the metrics, the accepted choices."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None):
+        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.tokenizer = engine.engine.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("the server renders chats and decodes text: create the Engine with a tokenizer")
+        # one sequence holds at most this many tokens: the rotary table's length, or the whole KV cache
+        self.context = min(engine.engine.max_context, engine.engine.cache_tokens)
+        self.capacity = engine.engine.scheduler.max_num_seqs + engine.max_waiting
+        self.metrics = Metrics()
+        self.live: set[asyncio.Task] = set()
+        self.webui = (Path(__file__).with_name("webui.html")).read_text()
+
+    def _authorize(self, request):
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise RequestError("missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
+                               "key the server was started with (--api-key)", code="invalid_api_key", status=401,
+                               type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+    async def index(self, request):
+        return HTMLResponse(self.webui)
+
+    async def health(self, request):
+        return JSONResponse({"status": "ok"})
+
+    async def prometheus(self, request):
+        return PlainTextResponse(self.metrics.render(self.engine.metrics(), len(self.live)),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def models(self, request):
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                                         "owned_by": "fastchat", "max_model_len": self.context}]})
+
+    async def chat_completions(self, request):
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request):
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request, chat: bool):
+        self._authorize(request)
+        parse = chat_request if chat else completion_request
+        req = parse(parse_json(await request.body()), self.tokenizer, self.context)
+        for params in req.params:   # what only the engine knows (KV cache size, ...): refuse before queueing
+            try:
+                self.engine.engine.check_request(req.prompt_ids, params)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        if len(self.live) + len(req.params) > self.capacity:
+            raise RequestError(f"the server is at capacity ({len(self.live)} requests in flight, room for "
+                               f"{self.capacity}): retry shortly", code="queue_full", status=429,
+                               type="rate_limit_error", headers={"Retry-After": "1"})
+        gen = Generation(self.engine, req, self.live, self.metrics)
+        head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()),
+                    model=self.model_name)
+        if req.stream:
+            return StreamingResponse(self._events(gen, req, head, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(gen.close))   # even if the stream never started
+        results = await self._collect(gen, request.receive)
+        if results is None:
+            return Response(status_code=499)   # the client is gone (nginx's code); nobody reads this
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}} if chat else
+                   {"index": i, "text": r.text} for i, r in enumerate(results)]
+        for c, r in zip(choices, results):
+            c.update(logprobs=None, finish_reason=r.finish_reason)
+        return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                             "usage": _usage(req, results)})
+
+    async def _collect(self, gen: Generation, receive):
+        """Every choice's final Result, or None if the client disconnected first (the choices are aborted)."""
+        async def run():
+            results = [None] * gen.n
+            async for index, delta in gen.deltas():
+                if delta.finished:
+                    results[index] = delta.result
+            return results
+
+        work, gone = asyncio.ensure_future(run()), asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            work.cancel()
+            gone.cancel()
+            gen.close()
+        if work not in done:
+            return None
+        try:
+            return work.result()
+        except Exception as e:
+            raise _engine_error(e) from e
+
+    async def _events(self, gen: Generation, req: GenerationRequest, head: dict, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices, **extra):
+            return f"data: {json.dumps({**head, 'object': obj, 'choices': choices, **extra})}\n\n"
+
+        def choice(index, text, finish_reason):
+            if chat:
+                return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
+                        "finish_reason": finish_reason}
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+        results = [None] * gen.n
+        try:
+            if chat:   # OpenAI opens each choice with the role
+                yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(gen.n)])
+            async for index, delta in gen.deltas():
+                if delta.finished:
+                    results[index] = delta.result
+                if delta.text or delta.finished:
+                    yield event([choice(index, delta.text, delta.finish_reason)])
+            if req.include_usage:
+                yield event([], usage=_usage(req, results))
+        except Exception as e:   # the 200 headers are sent: report in-band, as OpenAI does
+            yield f"data: {json.dumps(_engine_error(e).body())}\n\n"
+        finally:
+            gen.close()
+        yield "data: [DONE]\n\n"
+
+
+def _usage(req: GenerationRequest, results) -> dict:
+    completion = sum(len(r.token_ids) for r in results)
+    prompt = len(req.prompt_ids)   # counted once, whatever n is (as OpenAI does)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].num_cached_tokens}}
+
+
+async def _request_error(request, e: RequestError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _http_error(request, e: HTTPException):
+    """Starlette's 404 / 405 in OpenAI's error shape."""
+    message = (f"{e.detail}: {request.method} {request.url.path}. This server answers POST /v1/chat/completions, "
+               "POST /v1/completions, GET /v1/models, GET /health, GET /metrics and GET / (the web UI)")
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": e.status_code}}
+    return JSONResponse(body, status_code=e.status_code, headers=e.headers)
+
+
+async def _server_error(request, e: Exception):
+    body = {"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error", "param": None,
+                      "code": None}}
+    return JSONResponse(body, status_code=500)
+
+
+def build_app(engine: AsyncEngine, model_name: str = "fastchat", api_key: str | None = None) -> Starlette:
+    """The ASGI app over a running AsyncEngine (which it closes at shutdown). api_key: required as
+    `Authorization: Bearer KEY` on /v1/* when set."""
+    server = ChatServer(engine, model_name, api_key)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.close)   # uvicorn calls this after in-flight responses have finished
+
+    routes = [Route("/", server.index), Route("/health", server.health), Route("/metrics", server.prometheus),
+              Route("/v1/models", server.models),
+              Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+              Route("/v1/completions", server.completions, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(CountResponses, metrics=server.metrics)],
+                    exception_handlers={RequestError: _request_error, HTTPException: _http_error,
+                                        Exception: _server_error})
+    app.state.server = server
+    return app

@@ -1,0 +1,189 @@
+"""OpenAI request validation: a JSON body becomes prompt ids + one SamplingParams per choice, or a RequestError
+that names the field at fault and how to fix it (the server turns it into a 4xx with an OpenAI-style body).
+
+Plain functions over dicts: the API surface is a dozen fields, too few to justify a schema library. Unknown
+fields are ignored, as OpenAI-compatible servers usually do, so stock clients that send extras still work.
+Extensions beyond OpenAI's fields (as vLLM has them): top_k, and ignore_eos (exact output lengths, for benchmarks).
+
+Tool calls travel as text: the model's <|python_start|> ... <|python_end|> and <|output_start|> ...
+<|output_end|> tokens decode to those marker strings, the web UI styles them, and when a client sends the
+conversation back, `assistant_parts` turns the markers into the tokenizer's python / python_output parts so
+the model sees the same tokens it produced.
+"""
+import json
+import re
+from dataclasses import dataclass
+
+from fastchat_core.sampler import SamplingParams
+
+MAX_STOP = 4    # as OpenAI: up to 4 stop strings
+MAX_N = 16      # choices per request
+
+_TOOL_SPAN = re.compile(r"<\|(python|output)_start\|>(.*?)(?:<\|\1_end\|>|\Z)", re.S)
+
+
+class RequestError(Exception):
+    """A request the server refuses; `body()` is OpenAI's error object."""
+
+    def __init__(self, message, param=None, code=None, status=400, type="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: list[SamplingParams]    # one per choice (n)
+    stream: bool
+    include_usage: bool             # stream_options.include_usage: a last chunk with token counts
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e}): send a JSON object with "
+                           "Content-Type: application/json", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {_kind(body)}", code="invalid_json")
+    return body
+
+
+def chat_request(body: dict, tokenizer, context: int) -> GenerationRequest:
+    """POST /v1/chat/completions. `context`: the most tokens (prompt + output) one sequence may hold."""
+    if "messages" not in body:
+        raise RequestError("'messages' is required: a list of {\"role\", \"content\"} objects", "messages")
+    messages = _messages(body["messages"])
+    try:
+        prompt_ids = tokenizer.render_for_completion(messages)
+    except ValueError as e:   # roles out of order, a conversation that ends on the assistant, ...
+        raise RequestError(str(e), "messages") from None
+    return _generation(body, prompt_ids, context, "messages")
+
+
+def completion_request(body: dict, tokenizer, context: int) -> GenerationRequest:
+    """POST /v1/completions: raw text continuation from <|bos|> (no chat template)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise RequestError(f"'prompt' must be a string, got {_kind(prompt)} (send one request per prompt)", "prompt")
+    return _generation(body, tokenizer.encode(prompt, prepend=tokenizer.bos_id), context, "prompt")
+
+
+def assistant_parts(text: str) -> list[dict]:
+    """Assistant text with tool markers -> the tokenizer's parts: text, python (the call), python_output."""
+    parts, at = [], 0
+    for m in _TOOL_SPAN.finditer(text):
+        if m.start() > at:
+            parts.append({"type": "text", "text": text[at:m.start()]})
+        parts.append({"type": "python" if m[1] == "python" else "python_output", "text": m[2]})
+        at = m.end()
+    if at < len(text):
+        parts.append({"type": "text", "text": text[at:]})
+    return parts
+
+
+# ---- fields -------------------------------------------------------------------------------------------
+
+def _kind(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _messages(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise RequestError(f"'messages' must be a non-empty list of {{\"role\", \"content\"}} objects, got "
+                           f"{_kind(value)}", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content', got {_kind(m)}",
+                               f"messages[{i}]")
+        role = "system" if m.get("role") == "developer" else m.get("role")   # OpenAI's newer name for system
+        if role not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}] has unsupported role {m.get('role')!r}: use 'system', 'user' or "
+                               "'assistant'", f"messages[{i}].role")
+        text = _content(m.get("content"), f"messages[{i}].content")
+        out.append({"role": role, "content": assistant_parts(text) if role == "assistant" else text})
+    return out
+
+
+def _content(value, param) -> str:
+    """A string, or OpenAI's list of {"type": "text", "text": ...} parts (joined)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                       and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise RequestError(f"{param} must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts "
+                       f"(only text is supported), got {_kind(value)}", param)
+
+
+def _int(body, name, default, lo, hi=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"'{name}' must be an integer, got {_kind(value)}", name)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise RequestError(f"'{name}' must be {bound}, got {value}", name)
+    return value
+
+
+def _number(body, name, default, lo, hi, lo_open=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"'{name}' must be a number, got {_kind(value)}", name)
+    if not ((lo < value) if lo_open else (lo <= value)) or not value <= hi:
+        raise RequestError(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
+    return float(value)
+
+
+def _bool(value, name) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"'{name}' must be true or false, got {_kind(value)}", name)
+    return value
+
+
+def _stop(value) -> list[str]:
+    if value is None:
+        return []
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(f"'stop' must be a non-empty string or a list of them, got {_kind(value)}", "stop")
+    if len(stop) > MAX_STOP:
+        raise RequestError(f"'stop' has {len(stop)} strings; at most {MAX_STOP} are allowed", "stop")
+    return stop
+
+
+def _generation(body, prompt_ids, context, prompt_param) -> GenerationRequest:
+    n_prompt = len(prompt_ids)
+    if n_prompt >= context:
+        raise RequestError(f"the prompt is {n_prompt} tokens but this model's context holds {context} (prompt + "
+                           "answer): shorten the conversation", prompt_param, code="context_length_exceeded")
+    room = context - n_prompt
+    # max_completion_tokens is OpenAI's newer name for the same limit
+    key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    max_tokens = _int(body, key, room, 1)
+    if max_tokens > room:
+        raise RequestError(f"'{key}' is {max_tokens} but the prompt takes {n_prompt} of the model's {context} "
+                           f"tokens of context: ask for at most {room}", key, code="context_length_exceeded")
+    seed = _int(body, "seed", None, 0, 2**63 - 1 - MAX_N)
+    n = _int(body, "n", 1, 1, MAX_N)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise RequestError(f"'stream_options' must be an object, got {_kind(options)}", "stream_options")
+    sampling = dict(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
+                    top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True), top_k=_int(body, "top_k", 0, 0),
+                    stop=_stop(body.get("stop")), ignore_eos=_bool(body.get("ignore_eos"), "ignore_eos"))
+    # choice i gets seed + i: reproducible, yet the n choices differ
+    params = [SamplingParams(**sampling, seed=None if seed is None else seed + i) for i in range(n)]
+    return GenerationRequest(prompt_ids, params, _bool(body.get("stream"), "stream"),
+                             _bool((options or {}).get("include_usage"), "stream_options.include_usage"))
