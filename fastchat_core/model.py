@@ -130,7 +130,7 @@ class GPT(nn.Module):
         return rms_norm(x, self.config.norm_eps)
 
     def forward(self, idx, targets=None, reduction="mean"):
-        """Loss (mean over targets != -1, or per token with reduction='none') or, without targets,
+        """Loss (mean over targets != -1, their sum, or per token: reduction "mean" / "sum" / "none") or, without targets,
         the softcapped float32 logits (B, T, V)."""
         x = self.hidden_states(idx)
         w = self.lm_head.weight

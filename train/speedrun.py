@@ -39,7 +39,7 @@ class Preset:
 
 PRESETS = {
     # minutes on a 2-core CPU: a model that learns something, and every stage exercised
-    "tiny": Preset(depth=2, vocab=4096, seq_len=256, batch=8, total_batch=4096, base_steps=300, tok_chars=2e7,
+    "tiny": Preset(depth=2, vocab=4096, seq_len=256, batch=16, total_batch=4096, base_steps=200, tok_chars=2e7,
                    nproc=1, threads=2,
                    mid=["--num-iterations=60", "--device-batch-size=8", "--rows-per-step=16", "--limit=2000"],
                    sft=["--num-iterations=60", "--device-batch-size=8", "--rows-per-step=16", "--limit=2000"],
