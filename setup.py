@@ -67,7 +67,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # SDPA enable_gqa
         "numpy<2.4",  # triton 3.6's interpreter breaks on numpy 2.4 loops with run-time bounds
         "tokenizers>=0.19",
         "pyarrow",

@@ -57,23 +57,26 @@ def build_model(depth, n_kv_head, seed=0):
 
 
 def run_engine(model, reqs, **kw):
+    """One engine.generate over the workload after a warm-up; works on CPU too (smoke tests)."""
     from fastchat_core.engine import Engine
     from fastchat_core.sampler import SamplingParams
     engine = Engine(model, **kw)
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     warm = [[1, 2, 3, 4] * 8] * 4
     engine.generate(warm, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # graphs, autotune
     params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     results = engine.generate([p for p, _ in reqs], params)
-    torch.cuda.synchronize()
+    sync()
     dt = time.perf_counter() - t0
     n_out = sum(len(r.token_ids) for r in results)
     assert n_out == sum(o for _, o in reqs), "engine produced a different number of tokens than requested"
     stats = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt, "output_tok_per_s": n_out / dt,
              "kv_blocks_free_after": engine.block_manager.num_free_blocks}
     del engine
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return stats, results
 
 

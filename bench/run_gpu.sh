@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurement campaign, in phases that each fit one device call, run in the order given:
-#   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving
+#   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving,server
 # "prebuilt" instead of "setup" installs around a carried fastchat_core/_C*.so without compiling.
 # Every phase writes its full output under $OUT (JSON + logs); the tables print last.
 set -uo pipefail
@@ -41,6 +41,8 @@ for phase in ${1//,/ }; do
         | tee "$OUT/decode.log" | tail -30 ;;
     serving)
       python3 -m fastchat_core.bench.bench_serving --out "$OUT/serving.json" 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+    server)
+      python3 -m fastchat_core.bench.bench_server --out "$OUT/server.json" 2>&1 | tee "$OUT/server.log" | tail -30 ;;
     *)
       echo "unknown phase: $phase"; exit 2 ;;
   esac

@@ -19,12 +19,6 @@ _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def backend_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "sdpa-cpu"
-    return "flash-attn" if flash_attn_func is not None else "sdpa (cudnn first)"
-
-
 def causal_attention(q, k, v):
     """Causal self-attention over (B, T, H, D) tensors; k/v may have fewer heads (GQA/MQA)."""
     if q.is_cuda and flash_attn_func is not None and q.dtype in (torch.bfloat16, torch.float16):

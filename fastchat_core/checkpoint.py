@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastchat_core.common import is_dist, rank
+from fastchat_core.common import is_dist, rank, world_size
 
 
 def _fsync_dir(path: Path):
@@ -46,7 +46,7 @@ def save_checkpoint(run_dir, step, model, optimizers, loader_state, meta, keep_l
     if r == 0:
         state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
         _write_atomic(tmp / "model.pt", lambda f: torch.save(state, f))
-        meta = dict(meta, step=step, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        meta = dict(meta, step=step, world_size=world_size())
         _write_atomic(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
     optim_state = [opt.state_dict() for opt in optimizers]
     _write_atomic(tmp / f"optim_rank{r}.pt", lambda f: torch.save(optim_state, f))
@@ -91,7 +91,7 @@ def load_checkpoint(ckpt_dir, model, optimizers=None, device="cpu"):
     _unwrap(model).load_state_dict(load_model_state(ckpt_dir, device))
     r = rank()
     if optimizers is not None:
-        ws = int(os.environ.get("WORLD_SIZE", 1))
+        ws = world_size()
         if meta.get("world_size", 1) != ws:
             raise SystemExit(f"checkpoint {ckpt_dir} was written by {meta.get('world_size')} ranks; "
                              f"resume it with the same --nproc_per_node (now {ws})")

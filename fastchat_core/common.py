@@ -1,6 +1,5 @@
 """Small shared helpers: where files live, distributed set-up, logging from rank 0."""
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -77,20 +76,3 @@ def cleanup_dist():
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class Timer:
-    """Wall-clock timer that synchronizes the device first, so GPU work is counted."""
-
-    def __init__(self, device):
-        self.device = device
-        self.t0 = None
-
-    def __enter__(self):
-        synchronize(self.device)
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        synchronize(self.device)
-        self.dt = time.perf_counter() - self.t0

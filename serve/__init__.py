@@ -46,7 +46,7 @@ def main(argv=None):
         import uvicorn
         import starlette  # noqa: F401
     except ImportError as e:
-        raise SystemExit(f"fastchat serve needs uvicorn and starlette ({e}): pip install 'fastchat-core[serve]'")
+        raise SystemExit(f"fastchat serve needs uvicorn and starlette ({e}): pip install uvicorn starlette")
     app = create_app(args)
     try:
         uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_timeout,

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from fastchat_core import ops
-from fastchat_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastchat_core.checkpoint import (latest_checkpoint, load_checkpoint, load_meta, resolve_checkpoint,
+                                      save_checkpoint)
 from fastchat_core.common import cleanup_dist, data_root, home_dir, init_dist, print0
 from fastchat_core.config import ModelConfig
 from fastchat_core.eval.bpb import evaluate_bpb
@@ -149,7 +150,13 @@ def main(argv=None):
     model.to_empty(device=device)
     model.init_weights(args.seed)
     if args.init_from:
-        load_checkpoint(args.init_from, model, None, device)
+        src = resolve_checkpoint(args.init_from)
+        theirs = load_meta(src)["model_config"]
+        differ = {k: (v, theirs.get(k)) for k, v in cfg.to_dict().items() if theirs.get(k) != v}
+        if differ:
+            raise SystemExit(f"--init-from {src} holds a different model: " + ", ".join(
+                f"{k}={b} there vs {a} here" for k, (a, b) in differ.items()) + "; match the flags or drop --init-from")
+        load_checkpoint(src, model, None, device)
     n_params = model.num_params()
     flops_per_token = cfg.flops_per_token()
     if args.num_iterations > 0:
@@ -196,6 +203,7 @@ def main(argv=None):
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
 
+    @torch.no_grad()
     def evaluate():
         model.eval()
         steps = max(1, args.eval_tokens // (B * T * world))
@@ -222,8 +230,7 @@ def main(argv=None):
     model.train()
     t_total, steps_timed = 0.0, 0
     while step < num_steps:
-        last = step + 1 == num_steps
-        if args.eval_every and (step % args.eval_every == 0 or last):
+        if args.eval_every and step % args.eval_every == 0:
             val = evaluate()
             print0(f"step {step:5d} | val {'bpb' if token_bytes is not None else 'loss'} {val:.4f}")
             log({"step": step, "val_bpb" if token_bytes is not None else "val_loss": val})

@@ -107,7 +107,9 @@ def evaluate_task(model, tokenizer, task, max_problems=None, engine=None, max_to
         chance = 0.0
     else:
         raise ValueError(f"{type(task).__name__} is a training-only task: it has no evaluation")
-    totals = torch.tensor([sum(scores), chance, len(scores)], dtype=torch.float64)
+    # on the model's device: NCCL (GPU runs) reduces only device tensors
+    totals = torch.tensor([sum(scores), chance, len(scores)], dtype=torch.float64,
+                          device=next(model.parameters()).device)
     if is_dist():
         dist.all_reduce(totals)
     correct, chance, n = totals.tolist()
