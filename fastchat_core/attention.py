@@ -46,6 +46,16 @@ class PagedBatch:
     context_lens: torch.Tensor        # (B,) int32: tokens in the cache after this step
     query_lens: list = field(default_factory=list)     # host ints, prefill only
     context_lens_host: list = field(default_factory=list)
+    masks: list | None = None   # prefill causal masks, built by the first layer and shared by the rest
+
+    def prefill_masks(self, device):
+        """Query j of a sequence (absolute position n_ctx - n_new + j) sees keys 0 .. n_ctx - n_new + j;
+        None where nothing is cached (plain causal)."""
+        if self.masks is None:
+            self.masks = [None if n_ctx == n_new else
+                          torch.ones(n_new, n_ctx, dtype=torch.bool, device=device).tril(n_ctx - n_new)
+                          for n_new, n_ctx in zip(self.query_lens, self.context_lens_host)]
+        return self.masks
 
 
 def paged_attention_step(q, k, v, k_cache, v_cache, batch: PagedBatch):
@@ -63,6 +73,7 @@ def paged_attention_step(q, k, v, k_cache, v_cache, batch: PagedBatch):
         return ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
     out = torch.empty_like(q)
     block_size = k_cache.size(1)
+    masks = batch.prefill_masks(q.device)
     start = 0
     for i, (n_new, n_ctx) in enumerate(zip(batch.query_lens, batch.context_lens_host)):
         qi = q[start:start + n_new].transpose(0, 1)  # (Hq, n_new, D)
@@ -73,8 +84,7 @@ def paged_attention_step(q, k, v, k_cache, v_cache, batch: PagedBatch):
             ki = k_cache[blocks].flatten(0, 1)[:n_ctx]
             vi = v_cache[blocks].flatten(0, 1)[:n_ctx]
         ki, vi = ki.transpose(0, 1), vi.transpose(0, 1)
-        # query j (absolute position n_ctx - n_new + j) sees keys 0 .. n_ctx - n_new + j
-        mask = None if n_ctx == n_new else torch.ones(n_new, n_ctx, dtype=torch.bool, device=q.device).tril(n_ctx - n_new)
+        mask = masks[i]
         y = F.scaled_dot_product_attention(qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
                                            is_causal=mask is None, enable_gqa=ki.size(0) != qi.size(0))
         out[start:start + n_new] = y[0].transpose(0, 1)
