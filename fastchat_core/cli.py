@@ -6,7 +6,7 @@ Each subcommand hands the rest of the command line to its module's main(argv), s
 import importlib
 import sys
 
-# subcommand -> (module, help); "train" has stages of its own.
+# subcommand -> (module, help); "train" and "bench" are groups with subcommands of their own.
 COMMANDS = {
     "tokenizer": ("fastchat_core.train.tokenizer", "train or evaluate the BPE tokenizer"),
     "chat": ("fastchat_core.chat_cli", "chat with a model in the terminal (-p for one question)"),
@@ -21,15 +21,23 @@ TRAIN_STAGES = {
     "eval": ("fastchat_core.train.eval", "evaluate a checkpoint: CORE, bits per byte, ChatCORE"),
     "rl": ("fastchat_core.train.rl", "reinforcement learning on GSM8K with GRPO, from the SFT model"),
 }
+BENCHES = {  # GPU benchmarks; the kernel microbenchmarks are pytest-benchmark: pytest bench/bench_kernels.py
+    "train": ("fastchat_core.bench.bench_train", "pretraining tokens/s and MFU, kernels on/off"),
+    "decode": ("fastchat_core.bench.bench_decode_attention", "paged decode attention vs SDPA and FlexAttention"),
+    "serving": ("fastchat_core.bench.bench_serving", "offline engine throughput vs HF generate and a serial loop"),
+    "server": ("fastchat_core.bench.bench_server", "HTTP server under Poisson load: throughput, TTFT, ITL"),
+}
+GROUPS = {"train": TRAIN_STAGES, "bench": BENCHES}
 
 
 def _usage() -> str:
     lines = ["usage: fastchat <command> [args...]", "", "commands:"]
     for name, (_, help_) in COMMANDS.items():
         lines.append(f"  {name:<12} {help_}")
-    lines.append(f"  {'train':<12} run a training stage: {', '.join(TRAIN_STAGES)}")
-    for name, (_, help_) in TRAIN_STAGES.items():
-        lines.append(f"    {name:<10} {help_}")
+    for group, subs in GROUPS.items():
+        lines.append(f"  {group:<12} {', '.join(subs)}")
+        for name, (_, help_) in subs.items():
+            lines.append(f"    {name:<10} {help_}")
     lines += ["", "`fastchat <command> --help` for a command's options."]
     return "\n".join(lines)
 
@@ -40,11 +48,12 @@ def main(argv=None):
         print(_usage())
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd == "train":
-        if not rest or rest[0] not in TRAIN_STAGES:
-            print(f"fastchat train: choose a stage: {', '.join(TRAIN_STAGES)}", file=sys.stderr)
+    if cmd in GROUPS:
+        subs = GROUPS[cmd]
+        if not rest or rest[0] not in subs:
+            print(f"fastchat {cmd}: choose one of: {', '.join(subs)}", file=sys.stderr)
             return 2
-        module, rest = TRAIN_STAGES[rest[0]][0], rest[1:]
+        module, rest = subs[rest[0]][0], rest[1:]
     elif cmd in COMMANDS:
         module = COMMANDS[cmd][0]
     else:
