@@ -335,3 +335,46 @@ def test_cuda_batches_match_cpu(tmp_path):
         assert torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
     cpu.close()
     gpu.close()
+
+
+def test_download_resumes_after_a_dropped_connection(tmp_path, monkeypatch):
+    """A local HTTP server drops the first transfer halfway; the retry asks only for the tail (Range)."""
+    import http.server
+
+    blob = os.urandom(300_000)
+    ranges = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path != "/shard_00000.parquet":
+                self.send_error(404)
+                return
+            start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
+            ranges.append(start)
+            body = blob[start:]
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(blob) - 1}/{len(blob)}")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            # the first transfer stops halfway, as a flaky network would
+            self.wfile.write(body if len(ranges) > 1 else body[: len(body) // 2])
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(data.time, "sleep", lambda s: None)  # no backoff waits in the test
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        (path,) = data.download_shards(url, ["shard_00000.parquet"], tmp_path, retries=3)
+        assert path.read_bytes() == blob
+        assert ranges == [0, len(blob) // 2]  # the retry resumed where the first transfer broke off
+        data.download_shards(url, ["shard_00000.parquet"], tmp_path)  # complete: nothing fetched again
+        assert len(ranges) == 2
+        with pytest.raises(RuntimeError, match="HTTP 404"):
+            data.download_shards(url, ["missing.parquet"], tmp_path)
+        assert not (tmp_path / "missing.parquet").exists()
+    finally:
+        server.shutdown()
