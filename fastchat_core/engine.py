@@ -8,11 +8,12 @@ and returns per-request deltas. `generate()` is the synchronous batch API; `Asyn
 a background thread and streams deltas to asyncio code (the server).
 
 Tool use, as nanochat does it: when the model closes <|python_start|> code <|python_end|>, the code runs
-through tools.calculator (pure arithmetic, in process) or else tools.run_python (sandboxed child process),
-and <|output_start|> result <|output_end|> is forced into the sequence one token per step instead of
-sampling. Those tokens count toward max_tokens, so prompt + max_tokens always bounds a sequence's length.
+through tools.calculator (pure arithmetic, in process) or else tools.run_python (sandboxed child process,
+run on a worker thread so that only that sequence pauses while it runs), and <|output_start|> result
+<|output_end|> is forced into the sequence one token per step instead of sampling. Those tokens count toward max_tokens, so prompt + max_tokens always bounds a sequence's length.
 """
 import asyncio
+import concurrent.futures
 import itertools
 import math
 import queue
@@ -183,6 +184,8 @@ class Engine:
                                   min(self.max_context, self.cache_tokens), use_cuda_graphs)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()                            # unseeded requests: fresh randomness per engine
+        # sandboxed tool calls run beside the steps, so a slow one pauses only its own sequence
+        self.tool_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tool")
         self.eos_ids, self.tool_ids = set(), None
         if tokenizer is not None:
             sp = tokenizer.encode_special
@@ -255,7 +258,11 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
+        self._collect_tools()
         decodes, prefills, copies = self.scheduler.schedule()
+        if not decodes and not prefills:
+            self._wait_for_tools()
+            return []
         if copies:
             self.runner.copy_blocks(copies)
         logits, ready = [], []
@@ -280,6 +287,9 @@ class Engine:
 
     def _next_tokens(self, seqs, logits) -> list[int]:
         """Pasted tool output where some is pending, sampled tokens elsewhere."""
+        for s in seqs:
+            if s.waits_on_tool:  # only after a preemption re-prefilled it mid-call: wait for the output
+                self._collect_tools([s], block=True)
         rows = [i for i, s in enumerate(seqs) if not s.forced]
         sampled = iter(self._sample([seqs[i] for i in rows], logits[rows]) if rows else [])
         return [s.forced.popleft() if s.forced else next(sampled) for s in seqs]
@@ -346,9 +356,25 @@ class Engine:
             return
         code = self.tokenizer.decode(ids[i + 1:-1])
         output = tools.calculator(code)
-        if output is None:
-            output = tools.run_python(code).output
-        seq.forced.extend([out_start, *self.tokenizer.encode(output.strip()), out_end])
+        if output is not None:  # pure arithmetic: answered in process, at once
+            seq.forced.extend([out_start, *self.tokenizer.encode(output.strip()), out_end])
+        else:
+            seq.forced.append(out_start)
+            seq.tool = self.tool_pool.submit(lambda: tools.run_python(code).output)
+
+    def _collect_tools(self, seqs=None, block=False):
+        """Paste the output of finished tool calls into their sequences."""
+        for seq in seqs if seqs is not None else list(self.requests.values()):
+            if seq.tool is not None and (block or seq.tool.done()):
+                output = seq.tool.result()
+                seq.tool = None
+                seq.forced.extend([*self.tokenizer.encode(output.strip()), self.tool_ids[3]])
+
+    def _wait_for_tools(self, timeout=0.05):
+        """Every runnable sequence is waiting on a tool: sleep until one finishes instead of spinning."""
+        pending = [s.tool for s in self.requests.values() if s.tool is not None]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     # ---- synchronous API --------------------------------------------------------------------------
 

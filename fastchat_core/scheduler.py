@@ -34,6 +34,7 @@ class Sequence:
         self.prefill_len = 0                  # tokens to compute before the next sample (set on admission)
         self.num_cached_tokens = None         # prompt tokens found in the prefix cache on first admission
         self.forced = deque()                 # tool output to paste in instead of sampling
+        self.tool = None                      # a running sandboxed tool call (Future of its output text)
         self.finish_reason = None
         # detokenization state (engine): text of output_ids[:read_offset], and how much of it was sent
         self.text = ""
@@ -48,6 +49,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def waits_on_tool(self) -> bool:
+        """Nothing to decode until the tool's output arrives (it is pasted, not sampled)."""
+        return self.tool is not None and not self.forced
 
     @property
     def is_prefilling(self) -> bool:
@@ -79,7 +85,7 @@ class Scheduler:
         prefills: (seq, n) to compute token_ids[seq.num_computed:+n]; copies: (src, dst) blocks to copy first."""
         budget, decodes, prefills, copies = self.max_num_batched_tokens, [], [], []
         for seq in list(self.running):
-            if seq.status != RUNNING or seq.is_prefilling:   # preempted above, or not decoding yet
+            if seq.status != RUNNING or seq.is_prefilling or seq.waits_on_tool:   # preempted, prefilling, paused
                 continue
             if not self._make_room(seq):
                 continue

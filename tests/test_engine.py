@@ -232,6 +232,30 @@ def test_tool_call_forces_output_tokens(monkeypatch, tok, code, output):
     assert_all_blocks_free(engine)
 
 
+def test_slow_tool_call_pauses_only_its_own_sequence(monkeypatch, tok):
+    """A sandboxed call that takes a while runs beside the steps: the other request keeps decoding."""
+    model = tiny_gpt(tok.vocab_size)
+    sp = tok.encode_special
+    call = [sp("<|python_start|>"), *tok.encode("import time; time.sleep(1.0); 6*7"), sp("<|python_end|>")]
+    scripted(monkeypatch, {"tool": call + [sp("<|assistant_end|>")], "other": [5] * 80})
+    engine = Engine(model, tok, block_size=4)
+    engine.add_request([tok.bos_id, 3, 4], SamplingParams(max_tokens=100), "tool")
+    engine.add_request([tok.bos_id, 3, 5], SamplingParams(max_tokens=80, ignore_eos=True), "other")
+    order, results = [], {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            order.append(d.request_id)
+            if d.finished:
+                results[d.request_id] = d.result
+    assert results["other"].finish_reason == "length" and len(results["other"].token_ids) == 80
+    forced = [sp("<|output_start|>"), *tok.encode("42"), sp("<|output_end|>")]
+    assert results["tool"].token_ids == call + forced + [sp("<|assistant_end|>")]
+    # "tool" needs fewer steps than "other", so it ends last only because it paused during its 1 s call
+    # while "other" kept decoding (a call run inside step() would stall both, and "tool" would end first)
+    assert len(results["tool"].token_ids) < 80 and order[-1] == "tool"
+    assert_all_blocks_free(engine)
+
+
 def test_async_stream_matches_generate_and_aborts_on_cancel(model, prompts, naive):
     engine = Engine(model, block_size=4, max_num_seqs=2, max_num_batched_tokens=16)
     async_engine = AsyncEngine(engine, max_waiting=0)
