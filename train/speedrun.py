@@ -100,7 +100,9 @@ def main(argv=None):
             raise SystemExit("FASTCHAT_DATA is not set (or has no pretrain/): the large presets need real data; "
                              "export FASTCHAT_DATA=/path/to/data")
         pretrain = fallback_corpus(home / "fallback_corpus")
-        print(f"speedrun tiny: FASTCHAT_DATA is not set, so pretraining on this Python's own sources ({pretrain}) "
+        why = "is not set" if root is None else f"({root}) has no pretrain/ folder"
+        root = None  # without the pretraining text, treat the data sets as absent too
+        print(f"speedrun tiny: FASTCHAT_DATA {why}, so pretraining on this Python's own sources ({pretrain}) "
               "and fine-tuning on generated tasks (spelling, arithmetic tool use, identity); RL and the "
               "data-backed evaluations are skipped")
 
@@ -147,7 +149,10 @@ def main(argv=None):
             cmd = [sys.executable, "-m", module, *stage_args]
         print(f"\n[speedrun] {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
-        rc = subprocess.call(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if root is None:  # the stages must agree with the fallback decision made here
+            env.pop("FASTCHAT_DATA", None)
+        rc = subprocess.call(cmd, env=env)
         if rc != 0:
             raise SystemExit(f"[speedrun] stage {name} failed (exit {rc}); fix it and run the same command again "
                              "to resume from this stage")
