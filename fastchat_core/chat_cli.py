@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-from fastchat_core.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
+from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint
 from fastchat_core.common import home_dir
 from fastchat_core.engine import Engine
 from fastchat_core.sampler import SamplingParams
-from fastchat_core.serve.schemas import assistant_parts
-from fastchat_core.tokenizer import get_tokenizer
+from fastchat_core.tokenizer import assistant_parts, get_tokenizer
 
 STAGES = ("rl", "sft", "mid", "base")   # most finished first
 _DIM, _CYAN, _RESET = "\033[2m", "\033[36m", "\033[0m"
@@ -29,13 +28,11 @@ _TERMINAL_STYLE = {"<|python_start|>": f"{_CYAN}[python] ", "<|python_end|>": f"
 
 def default_checkpoint() -> Path:
     """The newest checkpoint of the most finished stage: $FASTCHAT_HOME/{rl,sft,mid,base}/<run>, in that order."""
-    home = home_dir()
-    for stage in STAGES:
-        found = [c for run in (home / stage).glob("*") if (c := latest_checkpoint(run)) is not None]
-        if found:
-            return max(found, key=lambda c: c.stat().st_mtime)
-    raise SystemExit(f"no checkpoint under {home}/{{{','.join(STAGES)}}}: train one (`fastchat train base`) "
-                     "or pass --checkpoint DIR")
+    ckpt = newest_checkpoint(STAGES)
+    if ckpt is None:
+        raise SystemExit(f"no checkpoint under {home_dir()}/{{{','.join(STAGES)}}}: train one "
+                         "(`fastchat train base`) or pass --checkpoint DIR")
+    return ckpt
 
 
 def add_model_args(p: argparse.ArgumentParser):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastchat_core.common import is_dist, rank, world_size
+from fastchat_core.common import home_dir, is_dist, rank, world_size
 
 
 def _fsync_dir(path: Path):
@@ -74,6 +74,17 @@ def latest_checkpoint(run_dir) -> Path | None:
         return None
     path = run_dir / marker.read_text().strip()
     return path if path.is_dir() else None
+
+
+def newest_checkpoint(stages) -> Path | None:
+    """The newest checkpoint (by its folder's modification time) of the runs $FASTCHAT_HOME/<stage>/<run>,
+    trying the stages in order and answering from the first that has one; None when none has."""
+    home = home_dir()
+    for stage in stages:
+        found = [c for run in (home / stage).glob("*") if (c := latest_checkpoint(run)) is not None]
+        if found:
+            return max(found, key=lambda c: c.stat().st_mtime)
+    return None
 
 
 def load_meta(ckpt_dir) -> dict:

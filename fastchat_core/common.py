@@ -1,6 +1,10 @@
-"""Small shared helpers: where files live, distributed set-up, logging from rank 0."""
+"""Small shared helpers: where files live, distributed set-up, the training drivers' start-up, logging from
+rank 0."""
+import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -76,3 +80,68 @@ def cleanup_dist():
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---- what the drivers (train/base, sft, mid, rl, eval) share ----------------------------------------------
+
+def add_run_args(group, run_dir_help: str | None = None):
+    """The drivers' common flags on an argparse parser or group: --run-dir (when run_dir_help is given),
+    --device and --threads."""
+    if run_dir_help is not None:
+        group.add_argument("--run-dir", default=None, help=run_dir_help)
+    group.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    group.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
+
+
+class Run(NamedTuple):
+    """Where a driver runs: its rank, local rank and world size, and its device (see setup_run)."""
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing on CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+
+def setup_run(args, seed: int | None = None, tf32: bool = True) -> Run:
+    """A driver's start-up from its add_run_args flags: CPU threads (--threads), the device (--device; a clear
+    error when CUDA is asked for and absent), torch.distributed under torchrun (init_dist), then torch's seed
+    (when given) and TF32 matmuls on CUDA (when tf32)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
+    run = Run(*init_dist(device_type))
+    if seed is not None:
+        torch.manual_seed(seed)
+    if tf32 and run.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return run
+
+
+class MetricsLog:
+    """Appends JSON records, one a line, to a metrics file (e.g. <run_dir>/metrics.jsonl), flushed as they come.
+    Only rank 0 writes; on other ranks it does nothing. A context manager: the file closes on leaving."""
+
+    def __init__(self, path):
+        self.file = open(path, "a") if rank() == 0 else None
+
+    def __call__(self, rec: dict):
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -5,6 +5,7 @@ that stops in the middle of a UTF-8 character, decodes without error (bad bytes 
 The whole tokenizer is one JSON file (HF's format), so it can also be opened with `tokenizers` directly.
 """
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,7 @@ SPLIT_PATTERN = (
 )
 
 _REPLACEMENT = "\ufffd".encode()
+_TOOL_SPAN = re.compile(r"<\|(python|output)_start\|>(.*?)(?:<\|\1_end\|>|\Z)", re.S)
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -228,6 +230,20 @@ class Tokenizer:
                              "assistant turn) is a user turn")
         ids, _ = self.render_conversation(messages, max_tokens=None)
         return ids + [self._special["<|assistant_start|>"]]
+
+
+def assistant_parts(text: str) -> list[dict]:
+    """Assistant text with tool markers -> the parts render_conversation takes: text, python (the call),
+    python_output. The inverse of rendering: text decoded from an assistant turn comes back as the same tokens."""
+    parts, at = [], 0
+    for m in _TOOL_SPAN.finditer(text):
+        if m.start() > at:
+            parts.append({"type": "text", "text": text[at:m.start()]})
+        parts.append({"type": "python" if m[1] == "python" else "python_output", "text": m[2]})
+        at = m.end()
+    if at < len(text):
+        parts.append({"type": "text", "text": text[at:]})
+    return parts
 
 
 def _text(content, where: str) -> str:

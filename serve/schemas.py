@@ -11,15 +11,13 @@ conversation back, `assistant_parts` turns the markers into the tokenizer's pyth
 the model sees the same tokens it produced.
 """
 import json
-import re
 from dataclasses import dataclass
 
 from fastchat_core.sampler import SamplingParams
+from fastchat_core.tokenizer import assistant_parts
 
 MAX_STOP = 4    # as OpenAI: up to 4 stop strings
 MAX_N = 16      # choices per request
-
-_TOOL_SPAN = re.compile(r"<\|(python|output)_start\|>(.*?)(?:<\|\1_end\|>|\Z)", re.S)
 
 
 class RequestError(Exception):
@@ -71,19 +69,6 @@ def completion_request(body: dict, tokenizer, context: int) -> GenerationRequest
     if not isinstance(prompt, str):
         raise RequestError(f"'prompt' must be a string, got {_kind(prompt)} (send one request per prompt)", "prompt")
     return _generation(body, tokenizer.encode(prompt, prepend=tokenizer.bos_id), context, "prompt")
-
-
-def assistant_parts(text: str) -> list[dict]:
-    """Assistant text with tool markers -> the tokenizer's parts: text, python (the call), python_output."""
-    parts, at = [], 0
-    for m in _TOOL_SPAN.finditer(text):
-        if m.start() > at:
-            parts.append({"type": "text", "text": text[at:m.start()]})
-        parts.append({"type": "python" if m[1] == "python" else "python_output", "text": m[2]})
-        at = m.end()
-    if at < len(text):
-        parts.append({"type": "text", "text": text[at:]})
-    return parts
 
 
 # ---- fields -------------------------------------------------------------------------------------------

@@ -14,9 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from fastchat_core.config import ModelConfig
+from conftest import save_tiny_run, tiny_gpt
 from fastchat_core.eval import core
-from fastchat_core.model import GPT
 
 torch.set_num_threads(1)
 
@@ -245,23 +244,8 @@ def test_real_task_list_and_file(data_dir):
     assert all(len(it["context_options"]) == 2 and it["continuation"] for it in core.load_items(data_dir, wino))
 
 
-@pytest.fixture(scope="module")
-def tiny_tokenizer(data_dir):
-    from fastchat_core.tokenizer import Tokenizer
-    with gzip.open(Path(data_dir) / "pretrain" / "shard_000.jsonl.gz", "rt") as f:
-        texts = [json.loads(line)["text"][:3000] for line, _ in zip(f, range(200))]
-    return Tokenizer.train_from_iterator(texts, vocab_size=512)
-
-
-def test_evaluate_core_tiny_gpt_on_real_tasks(data_dir, tiny_tokenizer):
-    tok = tiny_tokenizer
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(depth=1, vocab_size=tok.vocab_size, seq_len=128, dim=64, head_dim=32))
-    model.init_weights(seed=0)
-    with torch.no_grad():  # init zeroes the output projections; give the blocks something to do
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+def test_evaluate_core_tiny_gpt_on_real_tasks(data_dir, tok):
+    model = tiny_gpt(tok.vocab_size, seq_len=128, init_seed=0).eval()
     labels = ["arc_easy", "winograd", "bigbench_operators"]  # 10-shot MC (cut to 128 tokens), schema, 10-shot LM
     out = core.evaluate_core(model, tok, data_dir, max_per_task=3, tasks=labels)
     tasks = {t["label"]: t for t in core.load_tasks(data_dir)}
@@ -289,16 +273,11 @@ def test_evaluate_core_tiny_gpt_on_real_tasks(data_dir, tiny_tokenizer):
 # ---- the driver: fastchat train eval ------------------------------------------------------------------------
 
 
-def test_eval_driver_writes_and_merges_eval_json(tmp_path, data_dir, tiny_tokenizer, monkeypatch):
+def test_eval_driver_writes_and_merges_eval_json(tmp_path, data_dir, tok, tokenizer_file, monkeypatch):
     from fastchat_core import cli
-    from fastchat_core.checkpoint import save_checkpoint
     monkeypatch.setenv("FASTCHAT_DATA", data_dir)
-    tok_path = tmp_path / "tokenizer.json"
-    tiny_tokenizer.save(tok_path)
-    cfg = ModelConfig(depth=1, vocab_size=tiny_tokenizer.vocab_size, seq_len=64, dim=64, head_dim=32)
-    model = GPT(cfg).init_weights(seed=0)
-    run_dir = tmp_path / "home" / "base" / "d1"
-    save_checkpoint(run_dir, 5, model, [], {}, {"model_config": cfg.to_dict(), "args": {"tokenizer": str(tok_path)}})
+    model = tiny_gpt(tok.vocab_size, seq_len=64, seed=None, init_seed=0, noise=0)
+    run_dir = save_tiny_run(tmp_path / "home" / "base" / "d1", model, 5, tokenizer=tokenizer_file, loader_state={})
     # a small pretraining folder: the last file is the validation split
     pretrain = tmp_path / "pretrain"
     pretrain.mkdir()

@@ -7,38 +7,24 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastchat_core.config import ModelConfig
+from conftest import tiny_gpt
 from fastchat_core.engine import AsyncEngine, Engine, QueueFull
-from fastchat_core.model import GPT
 from fastchat_core.sampler import SamplingParams, sample
 from fastchat_core.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 LENGTHS = (1, 5, 17, 40, 3, 33)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_gpt(vocab=128, seed=0, head_dim=32):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(depth=2, vocab_size=vocab, seq_len=64, dim=2 * head_dim, head_dim=head_dim, n_kv_head=1)
-    model = GPT(cfg).init_weights(seed=1)
-    with torch.no_grad():   # away from the zero init, so every layer matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on shared cores spinning BLAS threads cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def mqa_gpt(vocab=128, head_dim=32):
+    """The engine tests' model: 2 layers, one KV head (MQA), seq_len 64."""
+    return tiny_gpt(vocab, depth=2, head_dim=head_dim, n_kv_head=1)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_gpt()
+    return mqa_gpt()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +171,7 @@ def run(engine, prompt, params, request_id="r"):
 
 
 def test_stop_rules(monkeypatch, tok):
-    model = tiny_gpt(tok.vocab_size)
+    model = mqa_gpt(tok.vocab_size)
     eos, bos = tok.encode_special("<|assistant_end|>"), tok.bos_id
     words = tok.encode("hello world, stop here please")
     utf8 = tok.encode("h\u00e9llo \U0001f389 w\u00f6rld")   # multi-byte characters split over byte tokens
@@ -215,7 +201,7 @@ def test_stop_rules(monkeypatch, tok):
 
 @pytest.mark.parametrize("code,output", [("2+3", "5"), ("sum(range(10))", "45")])   # calculator, then sandbox
 def test_tool_call_forces_output_tokens(monkeypatch, tok, code, output):
-    model = tiny_gpt(tok.vocab_size)
+    model = mqa_gpt(tok.vocab_size)
     sp = tok.encode_special
     call = [sp("<|python_start|>"), *tok.encode(code), sp("<|python_end|>")]
     after = tok.encode(" ok")
@@ -234,7 +220,7 @@ def test_tool_call_forces_output_tokens(monkeypatch, tok, code, output):
 
 def test_slow_tool_call_pauses_only_its_own_sequence(monkeypatch, tok):
     """A sandboxed call that takes a while runs beside the steps: the other request keeps decoding."""
-    model = tiny_gpt(tok.vocab_size)
+    model = mqa_gpt(tok.vocab_size)
     sp = tok.encode_special
     call = [sp("<|python_start|>"), *tok.encode("import time; time.sleep(1.0); 6*7"), sp("<|python_end|>")]
     scripted(monkeypatch, {"tool": call + [sp("<|assistant_end|>")], "other": [5] * 80})
@@ -330,7 +316,7 @@ def test_user_errors_have_clear_messages(model, tok):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decode_matches_eager_and_naive(dtype):
-    model = tiny_gpt(head_dim=64).cuda()   # the CUDA decode kernel takes head_dim 64 and 128
+    model = mqa_gpt(head_dim=64).cuda()   # the CUDA decode kernel takes head_dim 64 and 128
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (1, 7, 40, 19, 3)]   # 5: a padded bucket
     graphed = Engine(model.to(dtype), num_blocks=20, block_size=4, max_num_seqs=8)

@@ -1,17 +1,17 @@
 """GRPO: the advantage and the clipped loss by hand; GSM8K answer extraction; the reward rising on a toy task;
 the engine sampling from the updated weights; 2 ranks == 1 rank; the GSM8K driver end to end (CPU)."""
-import gzip
 import json
+import shutil
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import save_tiny_run, tiny_gpt
 from fastchat_core import ops
-from fastchat_core.checkpoint import load_model, save_checkpoint
+from fastchat_core.checkpoint import load_model
 from fastchat_core.config import ModelConfig
 from fastchat_core.model import GPT
 from fastchat_core.optim import build_optimizers
@@ -22,15 +22,7 @@ from fastchat_core.triton_kernels.muon_ns import newton_schulz_reference
 V = 64
 TARGET = set(range(10, 18))   # the toy task: reward 1 when the first answer token is one of these 8 of 64
 TOY = ["--group-size=8", "--max-new-tokens=2", "--top-k=0", "--device-batch-size=16"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on shared cores spinning BLAS threads cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ns_fp32(G, steps):
@@ -216,19 +208,13 @@ def test_two_ranks_equal_one_rank(tmp_path, monkeypatch):
 # ---- the GSM8K driver --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, data_dir):
+def home(tmp_path_factory, tokenizer_file, tok):
     """$FASTCHAT_HOME with a small tokenizer and a tiny random 'SFT' checkpoint."""
-    from fastchat_core.tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("home")
-    texts = []
-    with gzip.open(Path(data_dir) / "pretrain" / "shard_000.jsonl.gz", "rt") as f:
-        for line, _ in zip(f, range(200)):
-            texts.append(json.loads(line)["text"][:3000])
-    tok = Tokenizer.train_from_iterator(texts, vocab_size=512)
-    tok.save(root / "tokenizer" / "tokenizer.json")
-    cfg = ModelConfig(depth=1, vocab_size=tok.vocab_size, seq_len=128, dim=64, head_dim=32)
-    model = GPT(cfg).init_weights(seed=0)
-    save_checkpoint(root / "sft" / "d1", 5, model, [], None, {"model_config": cfg.to_dict(), "args": {}})
+    (root / "tokenizer").mkdir()
+    shutil.copy(tokenizer_file, root / "tokenizer" / "tokenizer.json")
+    model = tiny_gpt(tok.vocab_size, seq_len=128, seed=None, init_seed=0, noise=0)
+    save_tiny_run(root / "sft" / "d1", model, 5)
     return root
 
 

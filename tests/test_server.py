@@ -2,102 +2,24 @@
 save_checkpoint and a tiny trained tokenizer: answers equal the engine's own for the same seed, 64 concurrent
 streams, disconnects free KV blocks, bad input gets 4xx, a full queue 429, a missing key 401, SIGTERM drains."""
 import asyncio
-import contextlib
-import gzip
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
-import uvicorn
 
+from conftest import serve_in_thread, slow_steps
 from fastchat_core import chat_cli, cli
-from fastchat_core.checkpoint import load_model, save_checkpoint
-from fastchat_core.config import ModelConfig
-from fastchat_core.engine import Engine
-from fastchat_core.model import GPT
 from fastchat_core.sampler import SamplingParams
-from fastchat_core.serve import create_app, get_args
-from fastchat_core.serve.schemas import assistant_parts
-from fastchat_core.tokenizer import Tokenizer
+from fastchat_core.tokenizer import assistant_parts
 
 CONTEXT = 256   # seq_len 64: the rotary table (4x) bounds prompt + answer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on shared cores spinning BLAS threads cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, data_dir):
-    """A run folder holding a random tiny GPT whose meta points at a tokenizer trained on real text."""
-    root = tmp_path_factory.mktemp("serve")
-    texts = []
-    with gzip.open(Path(data_dir) / "pretrain" / "shard_000.jsonl.gz", "rt") as f:
-        for line, _ in zip(f, range(300)):
-            texts.append(json.loads(line)["text"][:4000])
-    tok = Tokenizer.train_from_iterator(texts, vocab_size=512)
-    tok.save(root / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = ModelConfig(depth=1, vocab_size=tok.vocab_size, seq_len=64, dim=64, head_dim=32)
-    model = GPT(cfg).init_weights(seed=1)
-    with torch.no_grad():   # away from the zero init, so every layer matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    meta = {"model_config": cfg.to_dict(), "args": {"tokenizer": str(root / "tokenizer.json")}}
-    save_checkpoint(root / "sft" / "d1", 1, model, [], {}, meta)
-    return root / "sft" / "d1"
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    """The engine used directly, no server: what every HTTP answer must equal."""
-    model, _ = load_model(checkpoint)
-    tok = Tokenizer.load(checkpoint.parent.parent / "tokenizer.json")
-    return Engine(model, tok), tok
-
-
-@contextlib.contextmanager
-def serve_in_thread(checkpoint, *argv):
-    """A real uvicorn server on a free port of 127.0.0.1, in a thread; yields (base url, the server's Engine)."""
-    app = create_app(get_args(["--checkpoint", str(checkpoint), "--device", "cpu", *argv]))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", app.state.server.engine.engine
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-@contextlib.contextmanager
-def slow_steps(engine, seconds):
-    """Pace the engine, so that a test can act while a request is surely still generating."""
-    step = engine.step
-    engine.step = lambda: (time.sleep(seconds), step())[1]
-    try:
-        yield
-    finally:
-        del engine.step
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

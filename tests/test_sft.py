@@ -1,6 +1,5 @@
 """Chat fine-tuning drivers: rows and targets, the masked loss falling, the mid -> sft chain through
 $FASTCHAT_HOME, the generated-only fallback, clear errors, and 2 ranks == 1 rank."""
-import gzip
 import json
 import os
 import subprocess
@@ -8,52 +7,24 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from fastchat_core.checkpoint import load_model, save_checkpoint
-from fastchat_core.config import ModelConfig
-from fastchat_core.model import GPT
+from conftest import save_tiny_run, tiny_gpt
+from fastchat_core.checkpoint import load_model
 from fastchat_core.optim import build_optimizers
 from fastchat_core.tasks.base import ListTask
 from fastchat_core.tasks.gsm8k import gsm8k_conversation
-from fastchat_core.tokenizer import Tokenizer
 from fastchat_core.train import mid, sft
 
 TINY = ["--device=cpu", "--threads=1", "--device-batch-size=4", "--rows-per-step=8", "--val-conversations=16"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory, data_dir):
-    texts = []
-    with gzip.open(Path(data_dir) / "pretrain" / "shard_000.jsonl.gz", "rt") as f:
-        for line, _ in zip(f, range(150)):
-            texts.append(json.loads(line)["text"][:3000])
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    Tokenizer.train_from_iterator(texts, vocab_size=512).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_file):
-    return Tokenizer.load(tokenizer_file)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tokenizer_file, tok):
     """A $FASTCHAT_HOME holding one tiny base run (random init), as `fastchat train base` would leave it."""
     home = tmp_path_factory.mktemp("home")
-    cfg = ModelConfig(depth=1, vocab_size=tok.vocab_size, seq_len=128, dim=64, head_dim=32)
-    model = GPT(cfg).init_weights(seed=0)
-    save_checkpoint(home / "base" / "d1", 0, model, build_optimizers(model), None,
-                    {"model_config": cfg.to_dict(), "args": {"tokenizer": str(tokenizer_file)}})
+    model = tiny_gpt(tok.vocab_size, seq_len=128, seed=None, init_seed=0, noise=0)
+    save_tiny_run(home / "base" / "d1", model, 0, tokenizer=tokenizer_file, optimizers=build_optimizers(model))
     return home
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_gpt
 from fastchat_core import tools
-from fastchat_core.config import ModelConfig
 from fastchat_core.eval.chat import categorical_scores, chatcore, problem_indices
-from fastchat_core.model import GPT
 from fastchat_core.tasks.arc import ARC
 from fastchat_core.tasks.arithmetic import Arithmetic
 from fastchat_core.tasks.base import ListTask, TaskMixture, multiple_choice
@@ -21,24 +20,8 @@ from fastchat_core.tasks.humaneval import HumanEval, extract_code
 from fastchat_core.tasks.identity import Identity
 from fastchat_core.tasks.mmlu import MMLU
 from fastchat_core.tasks.spelling import Spelling, SpellingCount
-from fastchat_core.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok(data_dir):
-    texts = []
-    with gzip.open(Path(data_dir) / "pretrain" / "shard_000.jsonl.gz", "rt") as f:
-        for line, _ in zip(f, range(150)):
-            texts.append(json.loads(line)["text"][:3000])
-    return Tokenizer.train_from_iterator(texts, vocab_size=512)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- GSM8K ------------------------------------------------------------------------------------------------
@@ -268,13 +251,7 @@ def test_conversations_splits(data_dir):
 
 @pytest.fixture(scope="module")
 def tiny_model(tok):
-    torch.manual_seed(0)
-    cfg = ModelConfig(depth=1, vocab_size=tok.vocab_size, seq_len=256, dim=64, head_dim=32)
-    model = GPT(cfg).init_weights(seed=1)
-    with torch.no_grad():   # away from the zero init, so the logits differ between letters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_gpt(tok.vocab_size, seq_len=256).eval()
 
 
 def test_categorical_scores_match_unbatched_logits(tok, tiny_model, data_dir):

@@ -256,7 +256,6 @@ def test_cli_eval_missing_tokenizer(tmp_path):
 
 
 def test_cli_train_then_eval(data_dir, tmp_path, capsys):
-    pytest.importorskip("fastchat_core.data", reason="fastchat_core.data (iter_texts) is not written yet")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     docs = _docs(data_dir, 40)

@@ -1,5 +1,4 @@
 """The pretraining driver: learning on real text, multi-process equivalence, exact resume after a kill."""
-import gzip
 import json
 import os
 import signal
@@ -34,18 +33,6 @@ def losses(run_dir):
 def final_params(run_dir):
     latest = (Path(run_dir) / "latest").read_text().strip()
     return torch.load(Path(run_dir) / latest / "model.pt", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory, data_dir):
-    from fastchat_core.tokenizer import Tokenizer
-    texts = []
-    with gzip.open(Path(data_dir) / "pretrain" / "shard_000.jsonl.gz", "rt") as f:
-        for line, _ in zip(f, range(300)):
-            texts.append(json.loads(line)["text"][:4000])
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    Tokenizer.train_from_iterator(texts, vocab_size=512).save(path)
-    return path
 
 
 def test_loss_falls_on_real_text(tmp_path, tokenizer_file, data_dir):

@@ -11,13 +11,14 @@ import time
 import httpx
 import pytest
 
-from test_server import checkpoint, one_thread, reference, serve_in_thread, slow_steps  # noqa: F401
+from conftest import serve_in_thread, slow_steps
 from fastchat_core.sampler import SamplingParams
-from fastchat_core.serve.schemas import assistant_parts
+from fastchat_core.tokenizer import assistant_parts
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"needs Debian's Chromium at {CHROMIUM}: apt-get install -y chromium")
+pytestmark = [pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                 reason=f"needs Debian's Chromium at {CHROMIUM}: apt-get install -y chromium"),
+              pytest.mark.usefixtures("one_thread")]
 websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs the websockets package (test extra)")
 KEY = "sekrit"
 
@@ -90,7 +91,7 @@ class Page:
 
 
 @pytest.fixture(scope="module")
-def ui(checkpoint, tmp_path_factory):  # noqa: F811
+def ui(checkpoint, tmp_path_factory):
     """(page, server url, the server's engine) with an API key set on the server."""
     with serve_in_thread(checkpoint, "--api-key", KEY) as (url, engine):
         proc, ws_url = launch_chromium(tmp_path_factory.mktemp("chromium"))
@@ -112,7 +113,7 @@ def shown(text):
     return re.sub(r"<\|(python|output)_start\|>(.*?)(?:<\|\1_end\|>|\Z)", r"\2", text, flags=re.S)
 
 
-def test_answer_streams_in_and_stop_aborts_it(ui, reference):  # noqa: F811
+def test_answer_streams_in_and_stop_aborts_it(ui, reference):
     page, url, engine = ui
     _, tok = reference
     word = tok.encode(" la")
@@ -149,7 +150,7 @@ def test_answer_streams_in_and_stop_aborts_it(ui, reference):  # noqa: F811
     assert not page.js("document.getElementById('send').hidden")
 
 
-def test_answers_follow_settings_and_history_and_new_chat_clears(ui, reference):  # noqa: F811
+def test_answers_follow_settings_and_history_and_new_chat_clears(ui, reference):
     page, url, _ = ui
     engine, tok = reference
     page.open(url)
@@ -177,7 +178,7 @@ def test_answers_follow_settings_and_history_and_new_chat_clears(ui, reference):
     assert "API key" in error and messages(page) == []
 
 
-def test_tool_calls_render_as_blocks(ui, reference):  # noqa: F811
+def test_tool_calls_render_as_blocks(ui, reference):
     page, url, engine = ui
     _, tok = reference
     sp = tok.encode_special

@@ -7,10 +7,8 @@ with loss, tokens/s, MFU and ETA; metrics JSONL; atomic checkpoints; `--resume` 
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ import torch
 from fastchat_core import ops
 from fastchat_core.checkpoint import (latest_checkpoint, load_checkpoint, load_meta, resolve_checkpoint,
                                       save_checkpoint)
-from fastchat_core.common import cleanup_dist, data_root, home_dir, init_dist, print0
+from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, data_root, home_dir, print0, setup_run
 from fastchat_core.config import ModelConfig
 from fastchat_core.eval.bpb import evaluate_bpb
 from fastchat_core.model import GPT
@@ -62,7 +60,7 @@ def get_args(argv=None):
     g.add_argument("--warmdown-ratio", type=float, default=0.2)
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", default=None, help="default $FASTCHAT_HOME/base/d<depth>")
+    add_run_args(g, "default $FASTCHAT_HOME/base/d<depth>")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
     g.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fresh optimizer)")
     g.add_argument("--save-every", type=int, default=0, help="0 = only at the end")
@@ -70,13 +68,11 @@ def get_args(argv=None):
     g.add_argument("--eval-tokens", type=int, default=1 << 20)
     g.add_argument("--sample-every", type=int, default=0)
     g.add_argument("--log-every", type=int, default=1)
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="fused Triton kernels on CUDA (--no-kernels forces the PyTorch references)")
     g.add_argument("--profile", default=None, help="write a torch profiler table of the top kernels here")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
     args = p.parse_args(argv)
     if args.seq_len < 8:
         p.error("--seq-len must be >= 8")
@@ -110,17 +106,9 @@ class RandomTokens:
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
-    rank, local_rank, world, device = init_dist(device_type)
+    run = setup_run(args, seed=args.seed)
+    rank, _, world, device = run
     ops.use_reference(not args.kernels)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # Batch arithmetic: tokens per micro-step across ranks must divide the total batch.
     T, B = args.seq_len, args.device_batch_size
@@ -187,7 +175,7 @@ def main(argv=None):
     train_loader = make_loader("train", loader_state)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     fwd = torch.compile(model, dynamic=False) if use_compile else model
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    autocast = run.autocast()
     token_bytes = tokenizer.token_bytes().to(device) if tokenizer is not None else None
     peak = peak_flops(device)
 
@@ -195,13 +183,6 @@ def main(argv=None):
            f"{n_params / 1e6:.1f}M params, {flops_per_token / 1e9:.2f} GFLOPs/token, vocab {vocab_size}")
     print0(f"batch: {B}x{T} per rank x {world} ranks x {accum} accum = {args.total_batch_size:,} tokens/step; "
            f"{num_steps} steps; device {device}, compile {use_compile}, kernels {args.kernels and device.type == 'cuda'}")
-
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-
-    def log(rec):
-        if metrics_f:
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
 
     @torch.no_grad()
     def evaluate():
@@ -227,76 +208,77 @@ def main(argv=None):
                        schedule=schedule(wait=2, warmup=2, active=3, repeat=1))
         prof.start()
 
-    model.train()
-    t_total, steps_timed = 0.0, 0
-    while step < num_steps:
-        if args.eval_every and step % args.eval_every == 0:
-            val = evaluate()
-            print0(f"step {step:5d} | val {'bpb' if token_bytes is not None else 'loss'} {val:.4f}")
-            log({"step": step, "val_bpb" if token_bytes is not None else "val_loss": val})
-        if args.sample_every and tokenizer is not None and step % args.sample_every == 0 and step > 0 and rank == 0:
-            model.eval()
-            with autocast:
-                for prompt in ("The capital of France is", "def fibonacci(n):"):
-                    out = list(model.generate(tokenizer.encode(prompt, prepend=tokenizer.bos_id), 16))
-                    print0(f"  sample: {prompt!r} -> {tokenizer.decode(out)!r}")
-            model.train()
+    with MetricsLog(run_dir / "metrics.jsonl") as log:
+        model.train()
+        t_total, steps_timed = 0.0, 0
+        while step < num_steps:
+            if args.eval_every and step % args.eval_every == 0:
+                val = evaluate()
+                print0(f"step {step:5d} | val {'bpb' if token_bytes is not None else 'loss'} {val:.4f}")
+                log({"step": step, "val_bpb" if token_bytes is not None else "val_loss": val})
+            if args.sample_every and tokenizer is not None and step % args.sample_every == 0 and step > 0 and rank == 0:
+                model.eval()
+                with autocast:
+                    for prompt in ("The capital of France is", "def fibonacci(n):"):
+                        out = list(model.generate(tokenizer.encode(prompt, prepend=tokenizer.bos_id), 16))
+                        print0(f"  sample: {prompt!r} -> {tokenizer.decode(out)!r}")
+                model.train()
 
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            x, y = next(train_loader)
-            with autocast:
-                loss = fwd(x, y)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        apply_schedules(optimizers, step, num_steps, warmup_steps=args.warmup_steps,
-                        warmdown_ratio=args.warmdown_ratio)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if world > 1:  # log the global mean, not rank 0's share
-            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-        train_loss = (loss_sum / accum).item()  # one sync per step, for the progress line
-        dt = time.perf_counter() - t0
-        step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                x, y = next(train_loader)
+                with autocast:
+                    loss = fwd(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            apply_schedules(optimizers, step, num_steps, warmup_steps=args.warmup_steps,
+                            warmdown_ratio=args.warmdown_ratio)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            if world > 1:  # log the global mean, not rank 0's share
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            train_loss = (loss_sum / accum).item()  # one sync per step, for the progress line
+            dt = time.perf_counter() - t0
+            step += 1
+            if prof is not None:
+                prof.step()
+            if step > 3:  # the first steps include compilation
+                t_total += dt
+                steps_timed += 1
+            tok_s = args.total_batch_size / dt
+            mfu = flops_per_token * tok_s / (peak * world) if peak else None
+            eta = (num_steps - step) * (t_total / steps_timed if steps_timed else dt)
+            rec = {"step": step, "loss": train_loss, "dt": dt, "tok_per_s": tok_s, "mfu": mfu}
+            log(rec)
+            if not math.isfinite(train_loss):
+                raise SystemExit(f"loss is {train_loss} at step {step}: lower the learning rates or check the data")
+            if step % args.log_every == 0 or step == num_steps:
+                mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu else ""
+                print0(f"step {step:5d}/{num_steps} | loss {train_loss:.4f} | {dt * 1000:.0f} ms | "
+                       f"{tok_s:,.0f} tok/s{mfu_s} | ETA {eta / 60:.1f} min")
+            if args.save_every and step % args.save_every == 0 and step < num_steps:
+                checkpoint(step)
+
         if prof is not None:
-            prof.step()
-        if step > 3:  # the first steps include compilation
-            t_total += dt
-            steps_timed += 1
-        tok_s = args.total_batch_size / dt
-        mfu = flops_per_token * tok_s / (peak * world) if peak else None
-        eta = (num_steps - step) * (t_total / steps_timed if steps_timed else dt)
-        rec = {"step": step, "loss": train_loss, "dt": dt, "tok_per_s": tok_s, "mfu": mfu}
-        log(rec)
-        if not math.isfinite(train_loss):
-            raise SystemExit(f"loss is {train_loss} at step {step}: lower the learning rates or check the data")
-        if step % args.log_every == 0 or step == num_steps:
-            mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu else ""
-            print0(f"step {step:5d}/{num_steps} | loss {train_loss:.4f} | {dt * 1000:.0f} ms | "
-                   f"{tok_s:,.0f} tok/s{mfu_s} | ETA {eta / 60:.1f} min")
-        if args.save_every and step % args.save_every == 0 and step < num_steps:
-            checkpoint(step)
-
-    if prof is not None:
-        prof.stop()
-        if rank == 0:
-            Path(args.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
-    checkpoint(step)
-    summary = {"params": n_params, "flops_per_token": flops_per_token, "steps": step,
-               "tokens_per_s": args.total_batch_size * steps_timed / t_total if t_total else None}
-    if summary["tokens_per_s"] and peak:
-        summary["mfu"] = flops_per_token * summary["tokens_per_s"] / (peak * world)
-    if args.eval_every:
-        summary["val"] = evaluate()
-        print0(f"final val {'bpb' if token_bytes is not None else 'loss'}: {summary['val']:.4f}")
-    log({"summary": summary})
-    if device.type == "cuda":
-        summary["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    print0("summary: " + json.dumps(summary))
+            prof.stop()
+            if rank == 0:
+                Path(args.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+        checkpoint(step)
+        summary = {"params": n_params, "flops_per_token": flops_per_token, "steps": step,
+                   "tokens_per_s": args.total_batch_size * steps_timed / t_total if t_total else None}
+        if summary["tokens_per_s"] and peak:
+            summary["mfu"] = flops_per_token * summary["tokens_per_s"] / (peak * world)
+        if args.eval_every:
+            summary["val"] = evaluate()
+            print0(f"final val {'bpb' if token_bytes is not None else 'loss'}: {summary['val']:.4f}")
+        log({"summary": summary})
+        if device.type == "cuda":
+            summary["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        print0("summary: " + json.dumps(summary))
     cleanup_dist()
     return summary
 

@@ -13,13 +13,12 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from fastchat_core.checkpoint import load_model, resolve_checkpoint
-from fastchat_core.common import cleanup_dist, data_root, init_dist, print0
+from fastchat_core.common import add_run_args, cleanup_dist, data_root, print0, setup_run
 
 
 def get_args(argv=None):
@@ -39,8 +38,7 @@ def get_args(argv=None):
                    "its last file is the validation split")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one the run trained with, "
                    "else $FASTCHAT_HOME/tokenizer)")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
+    add_run_args(p)
     args = p.parse_args(argv)
     if args.max_per_task is not None and args.max_per_task < 1:
         p.error("--max-per-task must be >= 1")
@@ -110,12 +108,8 @@ def print_core(res):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
-    rank, _, world, device = init_dist(device_type)
+    run = setup_run(args, tf32=False)
+    rank, _, world, device = run
     ckpt = resolve_checkpoint(args.checkpoint)
     run_dir, stage = ckpt.parent, ckpt.parent.parent.name
     if not (args.core or args.bpb or args.chat):
@@ -126,7 +120,7 @@ def main(argv=None):
     if model.config.vocab_size != tokenizer.vocab_size:
         raise SystemExit(f"the checkpoint's vocab ({model.config.vocab_size}) is not the tokenizer's "
                          f"({tokenizer.vocab_size}): pass the --tokenizer it was trained with")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = run.autocast()
     print0(f"evaluating {ckpt} ({stage}, depth {model.config.depth}, {model.num_params() / 1e6:.1f}M params)")
     where = {"checkpoint": str(ckpt), "step": meta.get("step")}
 

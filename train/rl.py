@@ -15,7 +15,6 @@ graphs stay valid) and runs with prefix caching off: cached K/V would have been 
 """
 import argparse
 import hashlib
-import json
 import sys
 import time
 from contextlib import nullcontext
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastchat_core.checkpoint import latest_checkpoint, load_model, resolve_checkpoint, save_checkpoint
-from fastchat_core.common import cleanup_dist, home_dir, init_dist, is_dist, print0
+from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint, save_checkpoint
+from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, home_dir, is_dist, print0, setup_run
 from fastchat_core.engine import Engine
 from fastchat_core.optim import apply_schedules, build_optimizers
 from fastchat_core.sampler import SamplingParams
@@ -61,9 +60,7 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out GSM8K test (0 = never)")
     g.add_argument("--eval-questions", type=int, default=200, help="the first N GSM8K test questions")
-    g.add_argument("--run-dir", default=None, help="default $FASTCHAT_HOME/rl/d<depth>")
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
+    add_run_args(g, "default $FASTCHAT_HOME/rl/d<depth>")
     args = p.parse_args(argv)
     if args.group_size < 2:
         p.error("--group-size must be >= 2: advantages compare answers within a group")
@@ -218,16 +215,6 @@ def grpo_step(model, engine, optimizers, prompts, reward_fn, args, seeds, autoca
 
 # ---- driver ------------------------------------------------------------------------------------------
 
-def default_init() -> Path:
-    """The newest SFT run under $FASTCHAT_HOME/sft (by its latest checkpoint's time)."""
-    runs = [latest_checkpoint(d) for d in sorted((home_dir() / "sft").glob("d*"))]
-    runs = [c for c in runs if c is not None]
-    if not runs:
-        raise SystemExit(f"no SFT checkpoint under {home_dir() / 'sft'}: run `fastchat train sft` first "
-                         "or pass --init-from")
-    return max(runs, key=lambda c: c.stat().st_mtime)
-
-
 def _global_sum(values, device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if is_dist():
@@ -249,20 +236,17 @@ def evaluate(engine, prompts, golds, args, rank, world, device, step) -> dict:
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
-    rank, _, world, device = init_dist(device_type)
+    run = setup_run(args)   # TF32 on CUDA: the engine samples with the fp32 master weights
+    rank, _, world, device = run
     Q, G = args.questions_per_step, args.group_size
     if Q % world:
         raise SystemExit(f"--questions-per-step {Q} does not split over {world} ranks; use a multiple of {world}")
-    if device.type == "cuda":   # the engine samples with the fp32 master weights: let their matmuls use TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
     from fastchat_core.tokenizer import get_tokenizer
     tokenizer = get_tokenizer(args.tokenizer)
-    ckpt = resolve_checkpoint(args.init_from) if args.init_from else default_init()
+    ckpt = resolve_checkpoint(args.init_from) if args.init_from else newest_checkpoint(["sft"])
+    if ckpt is None:
+        raise SystemExit(f"no SFT checkpoint under {home_dir() / 'sft'}: run `fastchat train sft` first "
+                         "or pass --init-from")
     model, _ = load_model(ckpt, device)
     cfg = model.config
     if cfg.vocab_size != tokenizer.vocab_size:
@@ -293,52 +277,46 @@ def main(argv=None):
     q_rank = Q // world
     max_len = max(map(len, train_prompts + eval_prompts)) + args.max_new_tokens
     engine = make_engine(model, tokenizer, q_rank * G, max_len)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = run.autocast()
     print0(f"RL from {ckpt}: depth {cfg.depth}, {model.num_params() / 1e6:.1f}M params; {num_steps} steps of "
            f"{Q} questions x {G} answers over {world} ranks; {len(train_prompts)} train / "
            f"{len(eval_prompts)} eval questions")
 
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    with MetricsLog(run_dir / "metrics.jsonl") as log:
+        def run_eval(at):
+            rec = {"step": at, **evaluate(engine, eval_prompts, eval_golds, args, rank, world, device, at)}
+            print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            log(rec)
+            return rec
 
-    def log(rec):
-        if metrics_f:
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
+        last_eval = None
+        for step in range(num_steps):
+            if args.eval_every and eval_prompts and step % args.eval_every == 0:
+                last_eval = run_eval(step)
+            t0 = time.perf_counter()
+            picks = [order[(step * Q + rank * q_rank + j) % len(order)] for j in range(q_rank)]
+            seeds = [[sample_seed(args.seed, step, i, j) for j in range(G)] for i in picks]
+            lrm = apply_schedules(optimizers, step, num_steps, warmdown_ratio=1.0)   # linear decay to 0
+            rewards, groups, stats = grpo_step(model, engine, optimizers, [train_prompts[i] for i in picks],
+                                               lambda i, r: gsm8k_reward(r.text, train_golds[picks[i]]), args, seeds,
+                                               autocast)
+            n_tok = sum(len(r.token_ids) for group in groups for r in group)
+            reward_sum, passed, n_gen, loss, clip = _global_sum(
+                [rewards.sum().item(), (rewards.max(dim=1).values > 0).sum().item(), n_tok, stats["loss"],
+                 stats["clip_frac"]], device)
+            dt = time.perf_counter() - t0
+            rec = {"step": step + 1, "reward": reward_sum / (Q * G), f"pass@{G}": passed / Q,
+                   "answer_len": n_gen / (Q * G), "loss": loss / world, "clip_frac": clip / world, "lrm": lrm,
+                   "dt": dt}
+            log(rec)
+            print0(f"step {step + 1:5d}/{num_steps} | reward {rec['reward']:.3f} | pass@{G} {rec[f'pass@{G}']:.3f} | "
+                   f"answer {rec['answer_len']:.0f} tok | {dt:.1f} s")
 
-    def run_eval(at):
-        rec = {"step": at, **evaluate(engine, eval_prompts, eval_golds, args, rank, world, device, at)}
-        print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-        log(rec)
-        return rec
-
-    last_eval = None
-    for step in range(num_steps):
-        if args.eval_every and eval_prompts and step % args.eval_every == 0:
-            last_eval = run_eval(step)
-        t0 = time.perf_counter()
-        picks = [order[(step * Q + rank * q_rank + j) % len(order)] for j in range(q_rank)]
-        seeds = [[sample_seed(args.seed, step, i, j) for j in range(G)] for i in picks]
-        lrm = apply_schedules(optimizers, step, num_steps, warmdown_ratio=1.0)   # linear decay to 0
-        rewards, groups, stats = grpo_step(model, engine, optimizers, [train_prompts[i] for i in picks],
-                                           lambda i, r: gsm8k_reward(r.text, train_golds[picks[i]]), args, seeds,
-                                           autocast)
-        n_tok = sum(len(r.token_ids) for group in groups for r in group)
-        reward_sum, passed, n_gen, loss, clip = _global_sum(
-            [rewards.sum().item(), (rewards.max(dim=1).values > 0).sum().item(), n_tok, stats["loss"],
-             stats["clip_frac"]], device)
-        dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "reward": reward_sum / (Q * G), f"pass@{G}": passed / Q,
-               "answer_len": n_gen / (Q * G), "loss": loss / world, "clip_frac": clip / world, "lrm": lrm,
-               "dt": dt}
-        log(rec)
-        print0(f"step {step + 1:5d}/{num_steps} | reward {rec['reward']:.3f} | pass@{G} {rec[f'pass@{G}']:.3f} | "
-               f"answer {rec['answer_len']:.0f} tok | {dt:.1f} s")
-
-    if args.eval_every and eval_prompts:
-        last_eval = run_eval(num_steps)
-    meta = {"model_config": cfg.to_dict(), "args": vars(args), "init_from": str(ckpt)}
-    save_checkpoint(run_dir, num_steps, model, optimizers, {"step": num_steps}, meta)
-    print0(f"saved {run_dir}")
+        if args.eval_every and eval_prompts:
+            last_eval = run_eval(num_steps)
+        meta = {"model_config": cfg.to_dict(), "args": vars(args), "init_from": str(ckpt)}
+        save_checkpoint(run_dir, num_steps, model, optimizers, {"step": num_steps}, meta)
+        print0(f"saved {run_dir}")
     cleanup_dist()
     return {"steps": num_steps, "eval": last_eval}
 

@@ -18,15 +18,14 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastchat_core.checkpoint import load_model, resolve_checkpoint, save_checkpoint
-from fastchat_core.common import cleanup_dist, data_root, home_dir, init_dist, print0
+from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint, save_checkpoint
+from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, data_root, home_dir, print0, setup_run
 from fastchat_core.optim import apply_schedules, build_optimizers
 from fastchat_core.tasks.arithmetic import Arithmetic
 from fastchat_core.tasks.base import TaskMixture
@@ -64,11 +63,9 @@ def get_args(argv=None, stage="sft", doc=__doc__, **defaults):
     g.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps decaying the LR to 0")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", default=None, help=f"default $FASTCHAT_HOME/{stage}/d<depth>")
+    add_run_args(g, f"default $FASTCHAT_HOME/{stage}/d<depth>")
     g.add_argument("--eval-every", type=int, default=0, help="val loss every N steps (0 = at start and end)")
     g.add_argument("--log-every", type=int, default=1)
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
     if args.epochs < 1 or args.device_batch_size < 1 or args.rows_per_step < 1:
@@ -100,17 +97,6 @@ def sft_tasks(args):
     train = TaskMixture(tasks, weights, epochs=args.epochs, seed=args.seed)
     val = TaskMixture([Conversations(s, "val") for s in chat] + generated_tasks(args.seed + 1), seed=args.seed + 1)
     return train, val
-
-
-def default_init(stages) -> Path:
-    """The most recently written run folder under $FASTCHAT_HOME/<stage>, trying the stages in order."""
-    for stage in stages:
-        runs = [p.parent for p in (home_dir() / stage).glob("*/latest")]
-        if runs:
-            return max(runs, key=lambda p: (p / "latest").stat().st_mtime)
-    where = " or ".join(str(home_dir() / s) for s in stages)
-    raise SystemExit(f"no checkpoint under {where}: train one first (`fastchat train {stages[-1]}`) "
-                     "or pass --init-from DIR")
 
 
 def render_rows(tokenizer, task, indices, row_len: int, pack: bool):
@@ -158,17 +144,15 @@ def train(args, make_tasks, stage: str = "sft", pack: bool = False, init_stages=
     """Fine-tune a checkpoint on the tasks `make_tasks(args) -> (train, val)` (this rank's share of each)
     and save it; returns a summary dict. The tasks load after the checkpoint and flags are checked, so a
     mistake there fails at once."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
-    rank, _, world, device = init_dist(device_type)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    run = setup_run(args, seed=args.seed)
+    rank, _, world, device = run
 
-    init = resolve_checkpoint(args.init_from or default_init(init_stages))
+    init = args.init_from or newest_checkpoint(init_stages)
+    if init is None:
+        where = " or ".join(str(home_dir() / s) for s in init_stages)
+        raise SystemExit(f"no checkpoint under {where}: train one first (`fastchat train {init_stages[-1]}`) "
+                         "or pass --init-from DIR")
+    init = resolve_checkpoint(init)
     model, meta = load_model(init, device)
     model.train()
     cfg = model.config
@@ -214,14 +198,8 @@ def train(args, make_tasks, stage: str = "sft", pack: bool = False, init_stages=
                                   embedding_lr=args.embedding_lr * args.init_lr_frac,
                                   unembedding_lr=args.unembedding_lr * args.init_lr_frac,
                                   weight_decay=args.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = run.autocast()
     width = T + 1 if pack else None   # packed rows have one shape; padded ones the longest of the batch
-    metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-
-    def log(rec):
-        if metrics_f:
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
 
     def micro_batch(k):
         """This rank's k-th micro-batch of B rows, cycling through its rows."""
@@ -243,51 +221,50 @@ def train(args, make_tasks, stage: str = "sft", pack: bool = False, init_stages=
         model.train()
         return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
-    for step in range(num_steps):
-        if step == 0 or (args.eval_every and step % args.eval_every == 0):
-            val = evaluate()
-            print0(f"step {step:5d} | val loss {val:.4f}")
-            log({"step": step, "val_loss": val})
-        t0 = time.perf_counter()
-        batches = [micro_batch(step * accum + m) for m in range(accum)]
-        # Normalize by the trained tokens of the whole step on all ranks: the optimizers *average* gradients
-        # over ranks, hence the factor `world`.
-        n_tokens = torch.tensor(float(sum((y >= 0).sum().item() for _, y in batches)), device=device)
-        if world > 1:
-            dist.all_reduce(n_tokens)
-        loss_sum = torch.zeros((), device=device)
-        for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                loss = model(x, y, reduction="sum")
-            (loss * world / n_tokens).backward()
-            loss_sum += loss.detach()
-        lr_mult = apply_schedules(optimizers, step, num_steps, warmup_steps=0, warmdown_ratio=args.warmdown_ratio)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = (loss_sum / n_tokens).item()
-        dt = time.perf_counter() - t0
-        if not math.isfinite(train_loss):
-            raise SystemExit(f"loss is {train_loss} at step {step + 1}: lower the learning rates (--init-lr-frac)")
-        log({"step": step + 1, "loss": train_loss, "lr_mult": lr_mult, "tokens": int(n_tokens.item()), "dt": dt})
-        if (step + 1) % args.log_every == 0 or step + 1 == num_steps:
-            print0(f"step {step + 1:5d}/{num_steps} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | "
-                   f"{int(n_tokens.item()):,} trained tokens | {dt * 1000:.0f} ms")
+    with MetricsLog(run_dir / "metrics.jsonl") as log:
+        for step in range(num_steps):
+            if step == 0 or (args.eval_every and step % args.eval_every == 0):
+                val = evaluate()
+                print0(f"step {step:5d} | val loss {val:.4f}")
+                log({"step": step, "val_loss": val})
+            t0 = time.perf_counter()
+            batches = [micro_batch(step * accum + m) for m in range(accum)]
+            # Normalize by the trained tokens of the whole step on all ranks: the optimizers *average* gradients
+            # over ranks, hence the factor `world`.
+            n_tokens = torch.tensor(float(sum((y >= 0).sum().item() for _, y in batches)), device=device)
+            if world > 1:
+                dist.all_reduce(n_tokens)
+            loss_sum = torch.zeros((), device=device)
+            for x, y in batches:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast:
+                    loss = model(x, y, reduction="sum")
+                (loss * world / n_tokens).backward()
+                loss_sum += loss.detach()
+            lr_mult = apply_schedules(optimizers, step, num_steps, warmup_steps=0, warmdown_ratio=args.warmdown_ratio)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            train_loss = (loss_sum / n_tokens).item()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(train_loss):
+                raise SystemExit(f"loss is {train_loss} at step {step + 1}: lower the learning rates (--init-lr-frac)")
+            log({"step": step + 1, "loss": train_loss, "lr_mult": lr_mult, "tokens": int(n_tokens.item()), "dt": dt})
+            if (step + 1) % args.log_every == 0 or step + 1 == num_steps:
+                print0(f"step {step + 1:5d}/{num_steps} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | "
+                       f"{int(n_tokens.item()):,} trained tokens | {dt * 1000:.0f} ms")
 
-    val = evaluate()
-    print0(f"final val loss: {val:.4f}")
-    log({"step": num_steps, "val_loss": val})
-    run_args = dict(vars(args), init_from=str(init), tokenizer=tokenizer_path and str(tokenizer_path))
-    ckpt = save_checkpoint(run_dir, num_steps, model, optimizers, None,
-                           {"model_config": cfg.to_dict(), "args": run_args, "stage": stage, "val_loss": val})
-    summary = {"steps": num_steps, "train_loss": train_loss, "val_loss": val, "checkpoint": str(ckpt)}
-    log({"summary": summary})
-    print0("summary: " + json.dumps(summary))
-    if metrics_f:
-        metrics_f.close()
+        val = evaluate()
+        print0(f"final val loss: {val:.4f}")
+        log({"step": num_steps, "val_loss": val})
+        run_args = dict(vars(args), init_from=str(init), tokenizer=tokenizer_path and str(tokenizer_path))
+        ckpt = save_checkpoint(run_dir, num_steps, model, optimizers, None,
+                               {"model_config": cfg.to_dict(), "args": run_args, "stage": stage, "val_loss": val})
+        summary = {"steps": num_steps, "train_loss": train_loss, "val_loss": val, "checkpoint": str(ckpt)}
+        log({"summary": summary})
+        print0("summary: " + json.dumps(summary))
     cleanup_dist()
     return summary
 

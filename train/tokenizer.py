@@ -1,8 +1,9 @@
 """Train or evaluate the tokenizer: `fastchat tokenizer train|eval ...` (or `python -m fastchat_core.train.tokenizer`).
 
 train: BPE on the documents of a data folder or file, each document cut to --doc-cap chars and the total to
---max-chars. In a folder the last file is left out: it is the held-out text that `eval` measures on.
-eval: compression (UTF-8 bytes per token, higher is better) on that held-out file and on built-in samples,
+--max-chars. The validation split of fastchat_core.data is left out (in a folder its last file, in a single
+file every 100th document): it is the held-out text that `eval` measures on, as pretraining evaluates on it.
+eval: compression (UTF-8 bytes per token, higher is better) on that held-out text and on built-in samples,
 beside GPT-2's and GPT-4's tokenizers when tiktoken can load them without a network.
 """
 import argparse
@@ -10,9 +11,9 @@ import socket
 import time
 from pathlib import Path
 
+from fastchat_core.data import iter_texts, list_files
 from fastchat_core.tokenizer import Tokenizer, default_path, get_tokenizer
 
-DATA_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 HELDOUT_CHARS = 5_000_000  # enough for a stable ratio, small enough to encode in seconds
 
 # Small hand-written samples of the kinds of text a chat model sees.
@@ -46,16 +47,12 @@ SAMPLES = {
 }
 
 
-def data_files(path: Path) -> list[Path]:
-    """The data files under a folder (sorted, so 'last' is stable), or the one file named."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise SystemExit(f"--data {path} does not exist: point it at a folder or file of text data")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
-    if not files:
-        raise SystemExit(f"no data files ({', '.join(DATA_SUFFIXES)}) under {path}")
-    return files
+def data_files(path) -> list[Path]:
+    """fastchat_core.data.list_files, with its errors as a clear exit for the command line."""
+    try:
+        return list_files(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--data: {e}") from None
 
 
 def capped_texts(docs, max_chars: int, doc_cap: int):
@@ -69,23 +66,14 @@ def capped_texts(docs, max_chars: int, doc_cap: int):
         yield doc
 
 
-def _iter_texts():
-    try:
-        from fastchat_core.data import iter_texts
-    except ImportError as e:
-        raise SystemExit(f"cannot read text data: fastchat_core.data.iter_texts is unavailable ({e})") from e
-    return iter_texts
-
-
 def train(args):
-    iter_texts = _iter_texts()
-    files = data_files(Path(args.data))
-    train_files = files[:-1] if len(files) > 1 else files  # keep the last file held out for eval
-    docs = (text for f in train_files for text in iter_texts(f))
+    files = data_files(args.data)
+    n_train = len(files) - 1 if len(files) > 1 else 1   # the last file is the held-out split
+    docs = iter_texts(args.data, split="train")
     t0 = time.perf_counter()
     tok = Tokenizer.train_from_iterator(capped_texts(docs, int(args.max_chars), args.doc_cap), args.vocab_size)
     dt = time.perf_counter() - t0
-    print(f"trained a {tok.vocab_size}-token vocabulary on {len(train_files)} file(s) in {dt:.1f}s")
+    print(f"trained a {tok.vocab_size}-token vocabulary on {n_train} file(s) in {dt:.1f}s")
     if tok.vocab_size < args.vocab_size:
         print(f"note: asked for {args.vocab_size} tokens, but this text only had enough pairs for {tok.vocab_size}")
     out = Path(args.out) if args.out else default_path()
@@ -130,8 +118,8 @@ def evaluate(args):
         raise SystemExit(str(e)) from e
     texts = dict(SAMPLES)
     if args.data:
-        heldout = data_files(Path(args.data))[-1]
-        docs = _iter_texts()(heldout)
+        heldout = data_files(args.data)[-1]
+        docs = iter_texts(args.data, split="val")
         texts[f"held-out ({heldout.name})"] = "".join(capped_texts(docs, HELDOUT_CHARS, HELDOUT_CHARS))
     encoders = {"ours": tok.encode, **_reference_encoders()}
     table = compression_table(encoders, texts)

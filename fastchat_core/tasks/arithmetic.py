@@ -7,7 +7,7 @@ Conversation i depends only on (seed, i).
 import random
 
 from fastchat_core import tools
-from fastchat_core.tasks.base import Task
+from fastchat_core.tasks.base import GeneratedTask
 
 QUESTIONS = ("What is {expr}?", "Compute {expr}.", "Calculate {expr}", "what's {expr}", "Please work out {expr}.",
              "{expr} = ?")
@@ -24,15 +24,10 @@ def _expression(rng: random.Random) -> str:
     return expr
 
 
-class Arithmetic(Task):
-    def __init__(self, size: int = 1000, seed: int = 0):
-        self.size, self.seed = size, seed
+class Arithmetic(GeneratedTask):
+    kind = "arithmetic"
 
-    def __len__(self):
-        return self.size
-
-    def get(self, i):
-        rng = random.Random(f"arithmetic/{self.seed}/{i}")
+    def make(self, rng):
         expr = _expression(rng)
         result = tools.calculator(expr)
         parts = [{"type": "text", "text": "Let me use the calculator: "},

@@ -57,6 +57,29 @@ class ListTask(Task):
         return self.conversations[i]
 
 
+class GeneratedTask(Task):
+    """Conversations built by code, needing no data files: `size` of them, conversation i depending only on
+    (seed, i), so use different seeds for training and validation. Subclasses name their random stream
+    `kind`, set `default_size`, and implement make(rng) -> conversation."""
+
+    kind: str
+    default_size = 1000
+
+    def __init__(self, size: int | None = None, seed: int = 0):
+        self.size = self.default_size if size is None else size
+        self.seed = seed
+
+    def __len__(self):
+        return self.size
+
+    def get(self, i):
+        # a string seed is hashed with SHA-512: stable across runs, and tasks of different kinds draw apart
+        return self.make(random.Random(f"{self.kind}/{self.seed}/{i}"))
+
+    def make(self, rng: random.Random) -> dict:
+        raise NotImplementedError
+
+
 class TaskMixture(Task):
     """Several tasks interleaved in one deterministic, shuffled order.
 

@@ -4,9 +4,7 @@ A base model trained on web text answers "who made you?" with whatever its data 
 consistent answers fix that. Each conversation has one to three turns drawn from the intents below, each
 with several phrasings of the question and of the answer. Conversation i depends only on (seed, i).
 """
-import random
-
-from fastchat_core.tasks.base import Task
+from fastchat_core.tasks.base import GeneratedTask
 
 NAME = "fastchat-core"
 
@@ -68,15 +66,11 @@ GREETINGS = (("Hi!", "Hello! How can I help you today?"), ("hey", "Hey! What can
              ("Good morning.", "Good morning! What would you like to talk about?"))
 
 
-class Identity(Task):
-    def __init__(self, size: int = 500, seed: int = 0):
-        self.size, self.seed = size, seed
+class Identity(GeneratedTask):
+    kind = "identity"
+    default_size = 500
 
-    def __len__(self):
-        return self.size
-
-    def get(self, i):
-        rng = random.Random(f"identity/{self.seed}/{i}")
+    def make(self, rng):
         messages = []
         if rng.random() < 0.3:
             user, assistant = rng.choice(GREETINGS)

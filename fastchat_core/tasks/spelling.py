@@ -5,9 +5,7 @@ letter by letter in text, then checks itself with the Python tool; the python_ou
 the engine's sandbox prints for that code (the REPL repr), so training matches inference.
 Conversation i depends only on (seed, i): use different seeds for training and validation.
 """
-import random
-
-from fastchat_core.tasks.base import Task
+from fastchat_core.tasks.base import GeneratedTask
 
 # Common English words of many lengths, several with repeated letters (the hard cases for counting).
 WORDS = """
@@ -51,22 +49,12 @@ SPELL_QUESTIONS = (
 )
 
 
-def _rng(kind: str, seed: int, i: int) -> random.Random:
-    # a string seed is hashed with SHA-512: stable across runs, and the two tasks draw different words
-    return random.Random(f"{kind}/{seed}/{i}")
-
-
-class SpellingCount(Task):
+class SpellingCount(GeneratedTask):
     """"How many r in strawberry?": spell, mark the positions, count, check with str.count in Python."""
 
-    def __init__(self, size: int = 1000, seed: int = 0):
-        self.size, self.seed = size, seed
+    kind = "count"
 
-    def __len__(self):
-        return self.size
-
-    def get(self, i):
-        rng = _rng("count", self.seed, i)
+    def make(self, rng):
         word = rng.choice(WORDS)
         # mostly a letter of the word; sometimes one it lacks, whose answer is 0
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
@@ -88,17 +76,12 @@ class SpellingCount(Task):
                 "answer": n}
 
 
-class Spelling(Task):
+class Spelling(GeneratedTask):
     """"Spell banana": the letters joined by hyphens, checked with '-'.join in Python."""
 
-    def __init__(self, size: int = 1000, seed: int = 0):
-        self.size, self.seed = size, seed
+    kind = "spell"
 
-    def __len__(self):
-        return self.size
-
-    def get(self, i):
-        rng = _rng("spell", self.seed, i)
+    def make(self, rng):
         word = rng.choice(WORDS)
         spelled = "-".join(word)
         parts = [
