@@ -183,7 +183,8 @@ def policy_update(model, optimizers, rows, advantages, args, autocast=nullcontex
     chunks = [(_pad(rows[i:i + B], device), advantages[i:i + B].to(device)) for i in range(0, len(rows), B)]
     old = [None] * len(chunks)
     for _ in range(args.ppo_epochs):
-        loss_sum, clipped, tokens = 0.0, 0.0, 0
+        # statistics stay on the device: one sync at the end, not three per micro-batch
+        loss_sum, clipped, tokens = (torch.zeros((), device=device) for _ in range(3))
         for j, ((x, y), adv) in enumerate(chunks):
             with autocast:
                 logp = -model(x, y, reduction="none")
@@ -192,13 +193,14 @@ def policy_update(model, optimizers, rows, advantages, args, autocast=nullcontex
             mask = y != -1
             loss, clip_frac = clipped_policy_loss(logp, old[j], adv, mask, args.clip_eps, num_tokens)
             loss.backward()
-            loss_sum += loss.item()
-            n = int(mask.sum())
-            clipped, tokens = clipped + clip_frac.item() * n, tokens + n
+            n = mask.sum()
+            loss_sum += loss.detach()
+            clipped += clip_frac.detach() * n
+            tokens += n
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "clip_frac": clipped / max(tokens, 1)}
+    return {"loss": loss_sum.item(), "clip_frac": (clipped / tokens.clamp(min=1)).item()}
 
 
 def grpo_step(model, engine, optimizers, prompts, reward_fn, args, seeds, autocast=nullcontext()):
