@@ -3,6 +3,13 @@
 #   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving,server
 # "prebuilt" instead of "setup" installs around a carried fastchat_core/_C*.so without compiling.
 # Every phase writes its full output under $OUT (JSON + logs); the tables print last.
+# Before the first call, on the dev machine (both folders listed in .git/info/exclude, sent with `carry`):
+#   .whl/  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#            liger-kernel uvicorn starlette h11 anyio sniffio click
+#   .data/ pretrain/ with a few shards of $FASTCHAT_DATA/pretrain (real-text curve), tokenizer.json from
+#          `fastchat tokenizer train --data .data/pretrain --vocab-size 65536 --out .data/tokenizer.json`,
+#          and the _C*.so a "setup" phase returned (copy it to fastchat_core/ and use "prebuilt" next time)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" FASTCHAT_DATA="${FASTCHAT_DATA:-$PWD/.data}"
 mkdir -p "$OUT"
