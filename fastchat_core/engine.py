@@ -186,6 +186,7 @@ class Engine:
         self.generator.seed()                            # unseeded requests: fresh randomness per engine
         # sandboxed tool calls run beside the steps, so a slow one pauses only its own sequence
         self.tool_pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tool")
+        self.tool_waiters: set[Sequence] = set()   # sequences whose tool call is still running
         self.eos_ids, self.tool_ids = set(), None
         if tokenizer is not None:
             sp = tokenizer.encode_special
@@ -361,18 +362,20 @@ class Engine:
         else:
             seq.forced.append(out_start)
             seq.tool = self.tool_pool.submit(lambda: tools.run_python(code).output)
+            self.tool_waiters.add(seq)
 
     def _collect_tools(self, seqs=None, block=False):
         """Paste the output of finished tool calls into their sequences."""
-        for seq in seqs if seqs is not None else list(self.requests.values()):
+        for seq in seqs if seqs is not None else list(self.tool_waiters):
             if seq.tool is not None and (block or seq.tool.done()):
                 output = seq.tool.result()
                 seq.tool = None
+                self.tool_waiters.discard(seq)
                 seq.forced.extend([*self.tokenizer.encode(output.strip()), self.tool_ids[3]])
 
     def _wait_for_tools(self, timeout=0.05):
         """Every runnable sequence is waiting on a tool: sleep until one finishes instead of spinning."""
-        pending = [s.tool for s in self.requests.values() if s.tool is not None]
+        pending = [s.tool for s in self.tool_waiters]
         if pending:
             concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 

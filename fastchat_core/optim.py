@@ -174,6 +174,14 @@ class DistAdamW(torch.optim.Optimizer):
         target.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
 
 
+def add_optim_args(group, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0):
+    """The learning-rate flags every training driver shares; defaults differ by stage (RL fine-tunes gently)."""
+    group.add_argument("--matrix-lr", type=float, default=matrix_lr, help="Muon, block matrices")
+    group.add_argument("--embedding-lr", type=float, default=embedding_lr, help="AdamW, token embedding")
+    group.add_argument("--unembedding-lr", type=float, default=unembedding_lr, help="AdamW, LM head")
+    group.add_argument("--weight-decay", type=float, default=weight_decay)
+
+
 def build_optimizers(model, *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.5,
                      weight_decay=0.0, adam_betas=(0.8, 0.95)):
     """[DistAdamW, Muon] for a GPT: Muon takes every 2-D parameter inside model.blocks; AdamW takes the

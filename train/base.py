@@ -20,7 +20,7 @@ from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, data_ro
 from fastchat_core.config import ModelConfig
 from fastchat_core.eval.bpb import evaluate_bpb
 from fastchat_core.model import GPT
-from fastchat_core.optim import apply_schedules, build_optimizers
+from fastchat_core.optim import add_optim_args, apply_schedules, build_optimizers
 
 # Dense bf16 peak of the GPUs we plan for (datasheet), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -52,10 +52,7 @@ def get_args(argv=None):
     g.add_argument("--num-iterations", type=int, default=-1)
     g.add_argument("--target-param-data-ratio", type=float, default=20.0,
                    help="tokens = ratio * params, when --num-iterations is not given")
-    g.add_argument("--matrix-lr", type=float, default=0.02)
-    g.add_argument("--embedding-lr", type=float, default=0.2)
-    g.add_argument("--unembedding-lr", type=float, default=0.004)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    add_optim_args(g)
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--warmdown-ratio", type=float, default=0.2)
     g.add_argument("--seed", type=int, default=42)

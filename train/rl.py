@@ -27,7 +27,7 @@ import torch.distributed as dist
 from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint, save_checkpoint
 from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, home_dir, is_dist, print0, setup_run
 from fastchat_core.engine import Engine
-from fastchat_core.optim import apply_schedules, build_optimizers
+from fastchat_core.optim import add_optim_args, apply_schedules, build_optimizers
 from fastchat_core.sampler import SamplingParams
 
 
@@ -52,10 +52,7 @@ def get_args(argv=None):
     g.add_argument("--std-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="divide advantages by the group's std (GRPO); --no-std-norm: r - mean only")
     # 5% of the pretraining rates, as nanochat's RL uses: the SFT model only needs nudging
-    g.add_argument("--matrix-lr", type=float, default=0.001)
-    g.add_argument("--embedding-lr", type=float, default=0.01)
-    g.add_argument("--unembedding-lr", type=float, default=0.0002)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    add_optim_args(g, matrix_lr=0.001, embedding_lr=0.01, unembedding_lr=0.0002)
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("run")
     g.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out GSM8K test (0 = never)")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint, save_checkpoint
 from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, data_root, home_dir, print0, setup_run
-from fastchat_core.optim import apply_schedules, build_optimizers
+from fastchat_core.optim import add_optim_args, apply_schedules, build_optimizers
 from fastchat_core.tasks.arithmetic import Arithmetic
 from fastchat_core.tasks.base import TaskMixture
 from fastchat_core.tasks.identity import Identity
@@ -54,10 +54,7 @@ def get_args(argv=None, stage="sft", doc=__doc__, **defaults):
                    "(device batch x ranks x gradient accumulation)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (default: one pass over "
                    "the rows; more cycles through them again)")
-    g.add_argument("--matrix-lr", type=float, default=0.02)
-    g.add_argument("--embedding-lr", type=float, default=0.2)
-    g.add_argument("--unembedding-lr", type=float, default=0.004)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    add_optim_args(g)
     g.add_argument("--init-lr-frac", type=float, default=0.02, help="scales all learning rates: fine-tuning "
                    "starts far below pretraining's")
     g.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps decaying the LR to 0")
