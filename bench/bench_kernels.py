@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastchat_core.bench import ceilings
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 
-COPY_BW = 3.0e12      # measured device-to-device copy on the H100, bytes read + written (PERF.md)
-MATMUL = 801e12       # measured bf16 8192^3 matmul (PERF.md)
 SHAPES = {"d12": dict(B=32, T=2048, H=6, dim=768), "d20": dict(B=16, T=2048, H=10, dim=1280)}
 RESULTS = []
 
@@ -96,7 +96,7 @@ def test_softcap_ce(benchmark, shape, impl):
     def step():
         x.grad = w.grad = None
         f(x, w, y).backward()
-    floor = 6 * N * H * V / MATMUL * 1e3
+    floor = 6 * N * H * V / ceilings.measure()["matmul_flops"] * 1e3
     record(benchmark, "softcap_ce", shape, impl, step, floor, 6 * N * H * V, "tflops")
 
 
@@ -152,7 +152,7 @@ def test_rope_qknorm(benchmark, shape, impl):
         a, b = f(q, k, cos, sin)
         torch.autograd.backward((a, b), (gq, gk))
     nbytes = 10 * q.numel() * q.element_size() * 2 / 2  # 10 passes over q and k (5 each way), bf16
-    floor = nbytes / COPY_BW * 1e3
+    floor = nbytes / ceilings.measure()["copy_bw_Bps"] * 1e3
     record(benchmark, "rope_qknorm", shape, impl, step, floor, nbytes, "tbps")
 
 
@@ -190,7 +190,7 @@ def test_muon_ns(benchmark, shape, impl):
         for st in stacks:
             f(st)
     flops = ns_flops(stacks)
-    record(benchmark, "muon_ns", shape, impl, step, flops / MATMUL * 1e3, flops, "tflops")
+    record(benchmark, "muon_ns", shape, impl, step, flops / ceilings.measure()["matmul_flops"] * 1e3, flops, "tflops")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -206,7 +206,7 @@ def write_results():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "commit": commit or os.environ.get("FASTCHAT_COMMIT", "unknown"),
-           "floors": {"copy_bw_Bps": COPY_BW, "matmul_flops": MATMUL},
+           "floors": ceilings.measure(),
            "shapes": SHAPES, "results": RESULTS}
     out = Path(os.environ.get("KERNELS_JSON", "bench/results/kernels.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ its output length (ignore_eos, greedy). Baselines on the same lengths:
            padded), each batch generating its longest output (only the requested tokens are counted)
   serial   our engine with max_num_seqs=1: the naive one-request-at-a-time loop, on --serial-requests
 Roofline: every decode step reads the weights once plus each running sequence's K/V; with all requests
-started together, the sum over steps of those bytes at 3.0 TB/s, plus prefill FLOPs at 801 TFLOP/s.
+started together, the sum over steps of those bytes at this card's copy bandwidth, plus prefill FLOPs at its
+matmul rate, both measured in the same run (bench/ceilings.py).
 """
 import argparse
 import json
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-COPY_BW, MATMUL = 3.0e12, 801e12
 
 
 def workload(n, lo, hi, vocab, seed=0):
@@ -34,12 +34,12 @@ def workload(n, lo, hi, vocab, seed=0):
     return reqs
 
 
-def roofline_tokens_per_s(reqs, cfg, weight_bytes):
+def roofline_tokens_per_s(reqs, cfg, weight_bytes, copy_bw, matmul):
     kv_tok = cfg.kv_bytes_per_token(2)
-    t = sum(2 * cfg.flops_per_token(len(p)) / 3 * len(p) for p, _ in reqs) / MATMUL  # prefill: forward only
+    t = sum(2 * cfg.flops_per_token(len(p)) / 3 * len(p) for p, _ in reqs) / matmul  # prefill: forward only
     for s in range(max(o for _, o in reqs)):
         live = [(len(p) + s) for p, o in reqs if o > s]
-        t += (weight_bytes + kv_tok * sum(live)) / COPY_BW
+        t += (weight_bytes + kv_tok * sum(live)) / copy_bw
     return sum(o for _, o in reqs) / t
 
 
@@ -130,7 +130,9 @@ def main(argv=None):
     reqs = workload(args.requests, 100, 1024, cfg.vocab_size)
     # bytes read per decode step: every weight except the embedding table (only B rows of it are read)
     weight_bytes = (cfg.num_params() - cfg.vocab_size * cfg.dim) * 2
-    bound = roofline_tokens_per_s(reqs, cfg, weight_bytes)
+    from fastchat_core.bench import ceilings
+    ceil = ceilings.measure()
+    bound = roofline_tokens_per_s(reqs, cfg, weight_bytes, ceil["copy_bw_Bps"], ceil["matmul_flops"])
     ours, _ = run_engine(model, reqs)
     ours["pct_of_roofline"] = 100 * ours["output_tok_per_s"] / bound
     print(f"ours: {ours}", flush=True)
@@ -156,7 +158,7 @@ def main(argv=None):
                      "vocab": cfg.vocab_size, "params": cfg.num_params(), "dtype": "bfloat16"},
            "workload": {"requests": args.requests, "in_out_uniform": [100, 1024], "seed": 0,
                         "mean_context": sum(len(p) + o / 2 for p, o in reqs) / len(reqs)},
-           "roofline_output_tok_per_s": bound, "results": rows}
+           "ceilings": ceil, "roofline_output_tok_per_s": bound, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
     print(f"\nroofline (this workload): {bound:,.0f} output tok/s")
