@@ -47,6 +47,29 @@ def run_one(depth, kernels, steps, profile=None, data=None):
     return summary
 
 
+def plot_curves(runs, path):
+    """Kernels off vs on, training loss per step and val bpb: the two curves should lie on each other."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in runs:
+        label = f"kernels {'on' if r['kernels'] else 'off'}"
+        ax1.plot(r["loss_curve"], label=label, lw=1)
+        ax2.plot([int(s) for s in r["val_bpb"]], list(r["val_bpb"].values()), marker="o", label=label)
+    ax1.set(xlabel="step", ylabel="train loss", title=f"d{runs[0]['depth']} on real text")
+    ax2.set(xlabel="step", ylabel="val bits per byte")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--depths", default="20,12", help="random-token throughput runs ('' for none)")
@@ -71,8 +94,10 @@ def main(argv=None):
             a, b = runs[0]["loss_curve"], runs[1]["loss_curve"]
             tail = slice(len(a) - 50, len(a))
             diff = sum(abs(x - y) for x, y in zip(a[tail], b[tail])) / 50
+            last = [list(r["val_bpb"].values())[-1] if r["val_bpb"] else None for r in runs]
             print(f"real text, last 50 steps: mean loss off {sum(a[tail]) / 50:.4f} on {sum(b[tail]) / 50:.4f}, "
-                  f"mean |diff| {diff:.4f}; final val bpb off {runs[0].get('val')} on {runs[1].get('val')}")
+                  f"mean |diff| {diff:.4f}; final val bpb off {last[0]} on {last[1]}")
+            plot_curves(runs, Path(args.out).with_suffix(".png"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import triton
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,

@@ -47,7 +47,8 @@ for phase in ${1//,/ }; do
       python3 -m fastchat_core.bench.bench_decode_attention --out "$OUT/decode_attention.json" 2>&1 \
         | tee "$OUT/decode.log" | tail -30 ;;
     serving)
-      python3 -m fastchat_core.bench.bench_serving --out "$OUT/serving.json" 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+      python3 -m fastchat_core.bench.bench_serving --out "$OUT/serving.json" --profile "$OUT/serving_profile.txt" \
+        ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
     server)
       python3 -m fastchat_core.bench.bench_server --out "$OUT/server.json" 2>&1 | tee "$OUT/server.log" | tail -30 ;;
     *)
