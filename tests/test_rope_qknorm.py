@@ -36,9 +36,11 @@ def poisoned(*like):
 
 REL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
-SHAPES = [  # (B, T, Hq, Hk, D): MQA, GQA with non-power-of-two heads, MHA; odd T; a D with ragged halves
+SHAPES = [  # (B, T, Hq, Hk, D): MQA, GQA with non-power-of-two heads, over 16 heads at the largest D, MHA;
+    # odd T (token blocks straddle sequences, the last block is ragged); a D with ragged halves
     (2, 7, 5, 1, 64),
     (1, 9, 6, 3, 128),
+    (1, 6, 17, 2, 256),
     (3, 5, 3, 3, 48),
 ]
 
@@ -74,7 +76,7 @@ def test_reference_is_norm_then_complex_rotation():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("B,T,Hq,Hk,D", SHAPES[:2])
+@pytest.mark.parametrize("B,T,Hq,Hk,D", SHAPES[:3])
 def test_backward_matches_float64_autograd(B, T, Hq, Hk, D, dtype):
     torch.manual_seed(7 + T)
     cos, sin = tables(T, D)
