@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results/train_d20.json")
     p.add_argument("--profile-dir", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--curve", default=None, metavar="DATA,TOKENIZER",
-                   help="also train d20 on real text for --curve-steps, kernels off and on: same loss curve?")
+                   help="also train d20 on real text for --curve-steps with the --kernels modes: same loss curve?")
     p.add_argument("--curve-steps", type=int, default=200)
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.kernels]
@@ -88,9 +88,9 @@ def main(argv=None):
             prof = str(Path(args.profile_dir) / f"profile_d{depth}_k{int(k)}.txt") if depth == 20 else None
             results.append(run_one(depth, k, args.steps, prof))
     if args.curve:
-        runs = [run_one(20, k, args.curve_steps, data=args.curve.split(",")) for k in (False, True)]
+        runs = [run_one(20, k, args.curve_steps, data=args.curve.split(",")) for k in modes]
         results += runs
-        if all("loss_curve" in r for r in runs):
+        if len(runs) == 2 and all("loss_curve" in r for r in runs):
             a, b = runs[0]["loss_curve"], runs[1]["loss_curve"]
             tail = slice(len(a) - 50, len(a))
             diff = sum(abs(x - y) for x, y in zip(a[tail], b[tail])) / 50

@@ -29,7 +29,7 @@ from fastchat_core import ops, tools
 from fastchat_core.attention import PagedBatch
 from fastchat_core.kvcache import BlockManager, num_blocks_for_memory
 from fastchat_core.sampler import SamplingParams, sample
-from fastchat_core.scheduler import Scheduler, Sequence
+from fastchat_core.scheduler import FINISHED, PENDING, Scheduler, Sequence
 
 _GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -50,6 +50,17 @@ class Delta(NamedTuple):
     finish_reason: str | None
     text: str = ""              # new text; held back while it could still become a stop string
     result: Result | None = None   # the whole result, on the final delta
+
+
+class _Launched(NamedTuple):
+    """A step whose tokens are still on their way to the host."""
+    seqs: list                 # the sequences that get a token, in row order
+    forced: list               # per sequence: the pasted tool-output token, or None where it is sampled
+    tokens: torch.Tensor       # sampled tokens on the device, one per None in forced
+    host: torch.Tensor         # their copy in pinned host memory, complete once `event` has passed
+    event: object              # CUDA event (None on the CPU)
+    sampled: dict              # seq_id -> index into tokens
+    dropped: set               # seq_ids whose token here is void (the previous one opened a tool call)
 
 
 class QueueFull(RuntimeError):
@@ -88,8 +99,10 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_caches:
             ops.copy_blocks(k_cache, v_cache, mapping)
 
-    def decode(self, seqs) -> torch.Tensor:
-        """Logits (B, V) for the newest token of each sequence, whose slot is already reserved."""
+    def decode(self, seqs, fill=None) -> torch.Tensor:
+        """Logits (B, V) for the newest token of each sequence, whose slot is already reserved.
+        fill = (rows, tokens, src): those rows' newest token is still PENDING on the host; it is tokens[src],
+        a device tensor from the previous step's sampling."""
         ids = [s.token_ids[-1] for s in seqs]
         ctx = [len(s.token_ids) for s in seqs]
         pos = [n - 1 for n in ctx]
@@ -99,13 +112,14 @@ class ModelRunner:
         if bs is None:
             batch = PagedBatch(False, self._tensor(slots, torch.int64), self._tensor(self._tables(seqs), torch.int32),
                                self._tensor(ctx, torch.int32))
-            return self.model.forward_paged(self._tensor(ids, torch.int64), self._tensor(pos, torch.int64),
-                                            batch, self.kv_caches)
+            ids = self._fill(self._tensor(ids, torch.int64), fill)
+            return self.model.forward_paged(ids, self._tensor(pos, torch.int64), batch, self.kv_caches)
         # Pad to the captured size: padding rows write nowhere (slot -1) and read one token of their first block.
         # Table entries past a row's context are never read, so only the columns in use are copied.
         pad = bs - n
         s_ids, s_pos, s_slots, s_ctx, s_tables = self.static
         s_ids[:bs].copy_(self._host(ids + [0] * pad, torch.int64), non_blocking=True)
+        self._fill(s_ids, fill)
         s_pos[:bs].copy_(self._host(pos + [0] * pad, torch.int64), non_blocking=True)
         s_slots[:bs].copy_(self._host(slots + [-1] * pad, torch.int64), non_blocking=True)
         s_ctx[:bs].copy_(self._host(ctx + [1] * pad, torch.int32), non_blocking=True)
@@ -114,6 +128,12 @@ class ModelRunner:
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]
+
+    def _fill(self, ids, fill):
+        if fill is not None:
+            rows, tokens, src = fill
+            ids[self._tensor(rows, torch.int64)] = tokens[self._tensor(src, torch.int64)]
+        return ids
 
     def prefill(self, chunks, want_logits) -> torch.Tensor:
         """One packed forward over chunks [(seq, n)]: computes token_ids[num_computed:+n] of each; returns the
@@ -193,6 +213,7 @@ class Engine:
             self.eos_ids = {sp("<|assistant_end|>"), sp("<|bos|>")}
             self.tool_ids = tuple(sp(f"<|{t}|>") for t in ("python_start", "python_end", "output_start", "output_end"))
         self.requests: dict[str, Sequence] = {}
+        self.pending: _Launched | None = None   # the step launched last, whose tokens are not processed yet
         self.counters = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, cached_tokens=0,
                              generated_tokens=0)
         self.ttft = deque(maxlen=1000)    # seconds from add_request to the first token, recent requests
@@ -253,22 +274,37 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.pending is not None
 
     # ---- one step ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[Delta]:
+        """Launch the next forward pass, then finish the previous one (their tokens reach the host while the
+        GPU runs this one), so the host's bookkeeping overlaps the GPU instead of idling it. A sequence
+        decoded last step decodes again now with its newest token still PENDING: the device fills it in.
+        If that token ends the sequence or starts a tool call, the row computed ahead is dropped."""
         self._collect_tools()
         decodes, prefills, copies = self.scheduler.schedule()
-        if not decodes and not prefills:
+        prev, self.pending = self.pending, None
+        if not decodes and not prefills and prev is None:
             self._wait_for_tools()
             return []
+        if decodes or prefills:
+            self.pending = self._launch(decodes, prefills, copies, prev)
+        return self._finish(prev, self.pending) if prev is not None else []
+
+    def _launch(self, decodes, prefills, copies, prev) -> "_Launched | None":
         if copies:
             self.runner.copy_blocks(copies)
         logits, ready = [], []
         if decodes:
-            logits.append(self.runner.decode(decodes))
+            fill = None
+            if prev is not None:
+                rows = [i for i, seq in enumerate(decodes) if seq.token_ids[-1] == PENDING]
+                if rows:
+                    fill = (rows, prev.tokens, [prev.sampled[decodes[i].seq_id] for i in rows])
+            logits.append(self.runner.decode(decodes, fill))
             ready += decodes
             for seq in decodes:
                 seq.num_computed += 1
@@ -281,26 +317,57 @@ class Engine:
                 if d:
                     ready.append(seq)
         if not ready:
-            return []
-        tokens = self._next_tokens(ready, torch.cat(logits))
+            return None
+        # Pasted tool output where some is pending, sampled tokens elsewhere.
+        for seq in ready:
+            if seq.waits_on_tool:  # only after a preemption re-prefilled it mid-call: wait for the output
+                self._collect_tools([seq], block=True)
+        forced = [seq.forced.popleft() if seq.forced else None for seq in ready]
+        rows = [i for i, f in enumerate(forced) if f is None]
+        logits = torch.cat(logits)
+        tokens = self._sample([ready[i] for i in rows], logits[rows]) if rows else logits.new_empty(0, dtype=torch.long)
+        host, event = tokens, None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        for seq, f in zip(ready, forced):
+            seq.token_ids.append(PENDING if f is None else f)
+        return _Launched(ready, forced, tokens, host, event, {ready[i].seq_id: j for j, i in enumerate(rows)}, set())
+
+    def _finish(self, prev: "_Launched", launched: "_Launched | None") -> list[Delta]:
+        """Put the previous step's tokens in place and apply tools and stop rules to them."""
+        if prev.event is not None:
+            prev.event.synchronize()
+        sampled = prev.host.tolist()
+        ahead = {seq.seq_id: j for j, seq in enumerate(launched.seqs)} if launched is not None else {}
         now = time.perf_counter()
-        return [self._append(seq, token, now) for seq, token in zip(ready, tokens)]
+        deltas = []
+        for seq, f in zip(prev.seqs, prev.forced):
+            if seq.status == FINISHED or seq.seq_id in prev.dropped:   # aborted meanwhile, or computed for nothing
+                continue
+            token = f if f is not None else sampled[prev.sampled[seq.seq_id]]
+            j = ahead.get(seq.seq_id)
+            nxt = seq.token_ids.pop() if j is not None else None   # this step's token, computed ahead
+            seq.token_ids[-1] = token
+            delta = self._append(seq, token, now)
+            if j is not None and not delta.finished:
+                if launched.forced[j] is None and (seq.tool is not None or seq.forced):
+                    # the token opened a tool call: what follows is pasted, so undo the row sampled ahead
+                    launched.dropped.add(seq.seq_id)
+                    self.block_manager.unappend_slot(seq)
+                    seq.num_computed -= 1
+                else:
+                    seq.token_ids.append(nxt)
+            deltas.append(delta)
+        return deltas
 
-    def _next_tokens(self, seqs, logits) -> list[int]:
-        """Pasted tool output where some is pending, sampled tokens elsewhere."""
-        for s in seqs:
-            if s.waits_on_tool:  # only after a preemption re-prefilled it mid-call: wait for the output
-                self._collect_tools([s], block=True)
-        rows = [i for i, s in enumerate(seqs) if not s.forced]
-        sampled = iter(self._sample([seqs[i] for i in rows], logits[rows]) if rows else [])
-        return [s.forced.popleft() if s.forced else next(sampled) for s in seqs]
-
-    def _sample(self, seqs, logits) -> list[int]:
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator).tolist()
+    def _sample(self, seqs, logits) -> torch.Tensor:
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
 
     def _append(self, seq: Sequence, token: int, now: float) -> Delta:
-        """Add one token to a sequence, apply tools and stop rules, and say what is new."""
-        seq.token_ids.append(token)
+        """Account for a sequence's newest token, apply tools and stop rules, and say what is new."""
         self.counters["generated_tokens"] += 1
         if seq.last_token_time is None:
             self.ttft.append(now - seq.arrival_time)

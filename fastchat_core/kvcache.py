@@ -181,6 +181,17 @@ class BlockManager:
         self._name_full_blocks(table, seq.token_ids, table.num_tokens - 1)
         return copy
 
+    def unappend_slot(self, seq: Sequence) -> None:
+        """Take back the slot the last `append_slot` reserved (the engine computed a token it must discard).
+        A block opened for that slot alone goes back to the free list; it holds nothing named."""
+        table = self.tables[seq.seq_id]
+        table.num_tokens -= 1
+        if table.num_tokens % self.block_size == 0:
+            b = table.blocks.pop()
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self.free_ids.append(b)
+
     # ---- release ----------------------------------------------------------------------------------
 
     def free(self, seq: Sequence) -> None:

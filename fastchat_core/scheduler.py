@@ -15,6 +15,7 @@ from fastchat_core.kvcache import BlockManager
 from fastchat_core.sampler import SamplingParams
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+PENDING = -1   # stands in for a token that was sampled on the GPU but has not reached the host yet
 
 _seq_ids = itertools.count()
 
@@ -87,6 +88,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != RUNNING or seq.is_prefilling or seq.waits_on_tool:   # preempted, prefilling, paused
                 continue
+            if seq.num_output_tokens >= seq.params.max_tokens:   # its pending token is its last
+                continue
             if not self._make_room(seq):
                 continue
             copy = self.bm.append_slot(seq)
@@ -101,8 +104,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.bm.can_allocate(seq):
-                break   # FIFO: nobody overtakes the head of the queue
+            if seq.token_ids[-1] == PENDING or not self.bm.can_allocate(seq):
+                break   # FIFO: nobody overtakes the head of the queue (preempted with a token on the way: next step)
             self.waiting.popleft()
             cached = self.bm.allocate(seq)
             if seq.num_cached_tokens is None:

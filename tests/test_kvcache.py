@@ -341,3 +341,26 @@ def test_num_blocks_for_memory():
         num_blocks_for_memory(10_000, 0.9, 4, 2, 64, 16, 2)
     with pytest.raises(ValueError, match="--kv-fraction"):
         num_blocks_for_memory(2**30, 1.5, 4, 2, 64, 16, 2)
+
+
+def test_unappend_slot_returns_a_block_opened_for_that_slot():
+    bm = BlockManager(4, BS)
+    seq = Seq(0, list(range(BS)))
+    bm.allocate(seq)
+    seq.token_ids.append(99)
+    assert bm.can_append(seq) and bm.append_slot(seq) is None
+    assert bm.num_free_blocks == 2 and len(bm.block_table(seq)) == 2   # the slot opened a second block
+    bm.unappend_slot(seq)
+    seq.token_ids.pop()
+    assert bm.num_free_blocks == 3 and len(bm.block_table(seq)) == 1
+    seq.token_ids.append(7)
+    bm.append_slot(seq)                                     # reserve for 7: opens a block again
+    bm.unappend_slot(seq)                                   # and back
+    assert bm.num_free_blocks == 3
+    bm.append_slot(seq)
+    seq.token_ids.append(9)
+    bm.append_slot(seq)                                     # the second slot of the open block...
+    bm.unappend_slot(seq)                                   # ...keeps the block when taken back
+    assert bm.num_free_blocks == 2 and len(bm.block_table(seq)) == 2
+    bm.free(seq)
+    assert bm.num_free_blocks == 4
