@@ -2,6 +2,7 @@
 # The GPU measurement campaign, in phases that each fit one device call, run in the order given:
 #   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving,server
 # "prebuilt" instead of "setup" installs around a carried fastchat_core/_C*.so without compiling.
+# Narrower runs: TEST_ARGS (test files for "tests"), KERNELS_ARGS (e.g. "-k rope"), SERVING_ARGS, TRAIN_ARGS.
 # Every phase writes its full output under $OUT (JSON + logs); the tables print last.
 # Before the first call, on the dev machine (both folders listed in .git/info/exclude, sent with `carry`):
 #   .whl/  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -36,9 +37,9 @@ for phase in ${1//,/ }; do
     prebuilt)
       FASTCHAT_NO_EXT=1 python3 -m pip install -q -e . --no-build-isolation --no-deps ;;
     tests)
-      python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+      python3 -m pytest -q -m gpu ${TEST_ARGS:-tests} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     kernels)
-      KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider \
+      KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider ${KERNELS_ARGS:-} \
         --benchmark-json="$OUT/kernels_raw.json" -s 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     train)
       python3 -m fastchat_core.bench.bench_train --out "$OUT/train_d20.json" --profile-dir "$OUT" ${TRAIN_ARGS:-} 2>&1 \

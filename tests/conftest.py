@@ -159,3 +159,24 @@ def slow_steps(engine, seconds):
         yield
     finally:
         del engine.step
+
+
+def scripted_sampler(scripts, cycle=False):
+    """A stand-in for Engine._sample(self, seqs, logits) that plays fixed token scripts: the n-th sampled token
+    of a request (pasted tool output not counted) is its script's n-th, then 0 (or the script again with
+    cycle). `scripts`: request id -> list, or one list for every request. The engine samples one token ahead
+    of knowing whether the previous one ended the sequence or opened a tool call, and draws again for a
+    token it dropped, so a draw must depend on n alone, not on how many draws came before."""
+    def nth(engine, seq):
+        n, pasted, ids = 0, False, engine.tool_ids
+        for t in seq.output_ids:   # the newest may still be PENDING: it was sampled, so it counts
+            pasted |= ids is not None and t == ids[2]
+            n += not pasted
+            pasted &= ids is None or t != ids[3]
+        return n
+
+    def token(seq, n):
+        script = scripts[seq.request_id] if isinstance(scripts, dict) else scripts
+        return script[n % len(script)] if cycle else script[n] if n < len(script) else 0
+
+    return lambda engine, seqs, logits: torch.tensor([token(s, nth(engine, s)) for s in seqs])

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import tiny_gpt
+from conftest import scripted_sampler, tiny_gpt
 from fastchat_core.engine import AsyncEngine, Engine, QueueFull
 from fastchat_core.sampler import SamplingParams, sample
 from fastchat_core.tokenizer import Tokenizer
@@ -156,19 +156,8 @@ def test_sampler_filters_and_distribution():
 
 
 def scripted(monkeypatch, scripts):
-    """Replace sampling by fixed token scripts per request id (tools and stop rules still run): the n-th
-    sampled token of a request (pasted tool output not counted) is its script's n-th, then 0. The engine
-    samples one token ahead of knowing whether the previous one ended the sequence or opened a tool call;
-    a token drawn ahead and dropped is drawn again, so the script must not advance for it."""
-    def nth(engine, seq):
-        n, pasted = 0, False
-        for t in seq.output_ids:   # the newest may still be PENDING: it was sampled, so it counts
-            pasted |= engine.tool_ids is not None and t == engine.tool_ids[2]
-            n += not pasted
-            pasted &= engine.tool_ids is None or t != engine.tool_ids[3]
-        script = scripts[seq.request_id]
-        return script[n] if n < len(script) else 0
-    monkeypatch.setattr(Engine, "_sample", lambda self, seqs, logits: torch.tensor([nth(self, s) for s in seqs]))
+    """Replace sampling by fixed token scripts per request id (tools and stop rules still run)."""
+    monkeypatch.setattr(Engine, "_sample", scripted_sampler(scripts))
 
 
 def run(engine, prompt, params, request_id="r"):

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import serve_in_thread, slow_steps
+from conftest import scripted_sampler, serve_in_thread, slow_steps
 from fastchat_core import chat_cli, cli
 from fastchat_core.sampler import SamplingParams
 from fastchat_core.tokenizer import assistant_parts
@@ -235,8 +235,8 @@ def test_tool_calls_stream_as_marked_text_and_round_trip(server, reference):
     _, tok = reference
     sp = tok.encode_special
     call = [sp("<|python_start|>"), *tok.encode("2+3"), sp("<|python_end|>")]
-    script = iter(call + tok.encode(" so five") + [sp("<|assistant_end|>")])
-    engine._sample = lambda seqs, logits: [next(script) for _ in seqs]   # the model "decides" to call the tool
+    script = scripted_sampler(call + tok.encode(" so five") + [sp("<|assistant_end|>")])
+    engine._sample = lambda seqs, logits: script(engine, seqs, logits)   # the model "decides" to call the tool
     try:
         body = chat_body("What is 2+3?", max_tokens=40, stream=True)
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:

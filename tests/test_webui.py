@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import serve_in_thread, slow_steps
+from conftest import scripted_sampler, serve_in_thread, slow_steps
 from fastchat_core.sampler import SamplingParams
 from fastchat_core.tokenizer import assistant_parts
 
@@ -117,8 +117,8 @@ def test_answer_streams_in_and_stop_aborts_it(ui, reference):
     page, url, engine = ui
     _, tok = reference
     word = tok.encode(" la")
-    script = itertools.cycle(word)   # the model never ends on its own: only Stop can end this answer
-    engine._sample = lambda seqs, logits: [next(script) for _ in seqs]
+    script = scripted_sampler(word, cycle=True)   # the model never ends on its own: only Stop can end this answer
+    engine._sample = lambda seqs, logits: script(engine, seqs, logits)
     aborted = engine.metrics()["aborted"]
     try:
         with slow_steps(engine, 0.02):
@@ -182,9 +182,9 @@ def test_tool_calls_render_as_blocks(ui, reference):
     page, url, engine = ui
     _, tok = reference
     sp = tok.encode_special
-    script = iter([sp("<|python_start|>"), *tok.encode("2+3"), sp("<|python_end|>"), *tok.encode(" so five"),
-                   sp("<|assistant_end|>")])
-    engine._sample = lambda seqs, logits: [next(script) for _ in seqs]
+    script = scripted_sampler([sp("<|python_start|>"), *tok.encode("2+3"), sp("<|python_end|>"),
+                               *tok.encode(" so five"), sp("<|assistant_end|>")])
+    engine._sample = lambda seqs, logits: script(engine, seqs, logits)
     try:
         page.open(url)
         page.settings(api_key=KEY, max_tokens=40)
