@@ -325,7 +325,9 @@ class Engine:
         forced = [seq.forced.popleft() if seq.forced else None for seq in ready]
         rows = [i for i, f in enumerate(forced) if f is None]
         logits = torch.cat(logits)
-        tokens = self._sample([ready[i] for i in rows], logits[rows]) if rows else logits.new_empty(0, dtype=torch.long)
+        if len(rows) < len(ready):   # a device index, not a list: indexing with a list would sync
+            logits = logits[self.runner._tensor(rows, torch.int64)]
+        tokens = self._sample([ready[i] for i in rows], logits) if rows else logits.new_empty(0, dtype=torch.long)
         host, event = tokens, None
         if tokens.is_cuda:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

@@ -37,6 +37,12 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
 
+def _on(device, data, dtype):
+    """A small host list on `device` without a sync: a copy from pageable memory would wait for the stream,
+    and the engine queues the next step's forward before the previous step's tokens reach the host."""
+    return torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list, default_gen) -> torch.Tensor:
     """One token per row of float32 logits (B, V): greedy rows take the argmax, others are drawn after
     temperature, top-k and top-p. generators[i] (or None) is row i's own generator; rows without one use
@@ -46,20 +52,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
     if not rows:
         return tokens
     dev, V = logits.device, logits.size(-1)
-    sel = torch.tensor(rows, device=dev)
-    x = logits[sel] / torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(1)
+    sel = _on(dev, rows, torch.long)
+    x = logits[sel] / _on(dev, [params[i].temperature for i in rows], torch.float32).unsqueeze(1)
     ks = [params[i].top_k if 0 < params[i].top_k < V else 0 for i in rows]
     if any(ks):
         # one top-k as wide as the widest filter; rows without a filter get a -inf threshold
-        kth = x.topk(max(ks), dim=-1).values.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None])
-        kth = kth.masked_fill(torch.tensor([k == 0 for k in ks], device=dev)[:, None], float("-inf"))
+        kth = x.topk(max(ks), dim=-1).values.gather(1, _on(dev, [max(k, 1) - 1 for k in ks], torch.long)[:, None])
+        kth = kth.masked_fill(_on(dev, [k == 0 for k in ks], torch.bool)[:, None], float("-inf"))
         x = x.masked_fill(x < kth, float("-inf"))
     ps = [params[i].top_p for i in rows]
     if any(p < 1 for p in ps):
         sorted_x, order = x.sort(dim=-1, descending=True)
         probs = sorted_x.softmax(-1)
         # keep a token while the mass ranked above it is below top_p: the top token always stays
-        drop = probs.cumsum(-1) - probs >= torch.tensor(ps, device=dev).unsqueeze(1)
+        drop = probs.cumsum(-1) - probs >= _on(dev, ps, torch.float32).unsqueeze(1)
         x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(-1)
     noise = torch.empty_like(probs).exponential_(generator=default_gen)

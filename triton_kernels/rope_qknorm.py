@@ -10,8 +10,7 @@ contiguous in D; the token and head strides can be anything (slices of a fused q
 so nothing is copied. Token (b, t) uses table row t, or positions[b, t] when positions is given (the
 engine's packed ragged batches: q (N, Hq, D), positions (N,)). The tables are not differentiated.
 
-Each kernel program takes BLOCK_T tokens and every head of both q and k for them, so each token's cos/sin
-row is loaded once per pass (not once per head) and (b, t) is computed once per token.
+Each kernel program takes ROWS (token, head) rows of q or of k; q and k share one launch.
 """
 import os
 
@@ -71,104 +70,104 @@ def rope_qknorm_reference(q, k, cos, sin, positions=None, eps=1e-6):
 
 def _configs():
     # The interpreter cannot benchmark, so it gets one config; on the GPU, a short list to tune over.
-    # A tile is [BLOCK_T, heads padded to a power of two, HALF_P]: small BLOCK_T suits many heads, large few
-    # (at 10 heads, D=128, BLOCK_T=16 already spills in the backward).
     if _INTERPRET:
-        return [triton.Config({"BLOCK_T": 4}, num_warps=4)]
+        return [triton.Config({"ROWS": 32}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_T": 1}, num_warps=4),
-        triton.Config({"BLOCK_T": 2}, num_warps=4),
-        triton.Config({"BLOCK_T": 4}, num_warps=4),
-        triton.Config({"BLOCK_T": 4}, num_warps=8),
-        triton.Config({"BLOCK_T": 8}, num_warps=8),
-        triton.Config({"BLOCK_T": 16}, num_warps=4),
+        triton.Config({"ROWS": 16}, num_warps=4),
+        triton.Config({"ROWS": 32}, num_warps=4),
+        triton.Config({"ROWS": 32}, num_warps=8),
+        triton.Config({"ROWS": 64}, num_warps=8),
     ]
 
 
 @triton.jit
-def _token_block(cos_ptr, sin_ptr, pos_ptr, N, T, stab,
-                 HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_T: tl.constexpr, HAS_POS: tl.constexpr):
-    """This program's BLOCK_T tokens: their (b, t) and cos/sin (fp32, [BLOCK_T, 1, HALF_P]), loaded once
-    and broadcast over every head of q and k."""
-    n = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)     # flattened token index b * T + t
-    tmask = n < N
+def _row_offsets(rows, T, sb, st, sh, H: tl.constexpr):
+    """Element offset of each (token, head) row, where rows = token * H + head and token = b * T + t."""
+    n = rows // H
+    h = rows - n * H
     b = n // T
     t = n - b * T
-    cols = tl.arange(0, HALF_P)
-    mask = tmask[:, None] & (cols[None, :] < HALF)
+    return b.to(tl.int64) * sb + t.to(tl.int64) * st + h.to(tl.int64) * sh
+
+
+@triton.jit
+def _tables(cos_ptr, sin_ptr, pos_ptr, rows, rmask, cols, mask, T, stab,
+            H: tl.constexpr, HAS_POS: tl.constexpr):
+    """cos and sin rows (fp32) for each (token, head) row: table row t, or positions[token]."""
+    n = rows // H
     if HAS_POS:
-        r = tl.load(pos_ptr + n, mask=tmask, other=0).to(tl.int64)
+        r = tl.load(pos_ptr + n, mask=rmask, other=0).to(tl.int64)
     else:
-        r = t.to(tl.int64)
+        r = (n % T).to(tl.int64)
     off = r[:, None] * stab + cols[None, :]
     c = tl.load(cos_ptr + off, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    return b.to(tl.int64), t.to(tl.int64), tmask, c[:, None, :], s[:, None, :]
+    return c, s
 
-
-# All heads in one [BLOCK_T, H_P, HALF_P] tile rather than a loop over heads: a loop would wait out one
-# load latency per head in turn (a decode step has few tokens, so few programs, to hide it), while the
-# tile has every head's loads in flight at once. The price is padding heads to a power of two (10 -> 16),
-# masked lanes that cost registers but no memory traffic.
 
 @triton.jit
-def _offsets(row, sh, tmask, H: tl.constexpr, H_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr):
-    """Element offsets of the first halves of this block's heads (row: each token's offset), and the mask.
-    The halves are loaded apart, not as one [.., D] tile then split: HALF need not be a power of two."""
-    heads = tl.arange(0, H_P)
+def _fwd_tile(x_ptr, y_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps,
+              sxb, sxt, sxh, syb, syt, syh, stab,
+              H: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, ROWS: tl.constexpr,
+              HAS_POS: tl.constexpr):
+    rows = tile * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, HALF_P)
-    off = row[:, None, None] + (heads.to(tl.int64) * sh)[None, :, None] + cols[None, None, :]
-    mask = tmask[:, None, None] & (heads < H)[None, :, None] & (cols < HALF)[None, None, :]
-    return off, mask
-
-
-@triton.jit
-def _fwd_tile(x_ptr, y_ptr, xrow, yrow, sxh, syh, tmask, c, s, eps,
-              H: tl.constexpr, H_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr):
-    xo, mask = _offsets(xrow, sxh, tmask, H, H_P, HALF, HALF_P)
-    yo, _ = _offsets(yrow, syh, tmask, H, H_P, HALF, HALF_P)
-    x1 = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + xo + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF) + eps)[:, :, None]
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols[None, :] < HALF)
+    xp = x_ptr + _row_offsets(rows, T, sxb, sxt, sxh, H)[:, None] + cols[None, :]
+    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
     x1 = x1 * rstd
     x2 = x2 * rstd
-    tl.store(y_ptr + yo, (x1 * c + x2 * s).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + yo + HALF, (x2 * c - x1 * s).to(y_ptr.dtype.element_ty), mask=mask)
+    c, s = _tables(cos_ptr, sin_ptr, pos_ptr, rows, rmask, cols, mask, T, stab, H, HAS_POS)
+    yp = y_ptr + _row_offsets(rows, T, syb, syt, syh, H)[:, None] + cols[None, :]
+    tl.store(yp, (x1 * c + x2 * s).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(yp + HALF, (x2 * c - x1 * s).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_tile(x_ptr, g_ptr, dx_ptr, xrow, grow, drow, sxh, sgh, sdh, tmask, c, s, eps,
-              H: tl.constexpr, H_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr):
-    xo, mask = _offsets(xrow, sxh, tmask, H, H_P, HALF, HALF_P)
-    go, _ = _offsets(grow, sgh, tmask, H, H_P, HALF, HALF_P)
-    do, _ = _offsets(drow, sdh, tmask, H, H_P, HALF, HALF_P)
-    x1 = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + xo + HALF, mask=mask, other=0.0).to(tl.float32)
-    g1 = tl.load(g_ptr + go, mask=mask, other=0.0).to(tl.float32)
-    g2 = tl.load(g_ptr + go + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF) + eps)[:, :, None]
+def _bwd_tile(x_ptr, g_ptr, dx_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps,
+              sxb, sxt, sxh, sgb, sgt, sgh, sdb, sdt, sdh, stab,
+              H: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, ROWS: tl.constexpr,
+              HAS_POS: tl.constexpr):
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, HALF_P)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols[None, :] < HALF)
+    xp = x_ptr + _row_offsets(rows, T, sxb, sxt, sxh, H)[:, None] + cols[None, :]
+    gp = g_ptr + _row_offsets(rows, T, sgb, sgt, sgh, H)[:, None] + cols[None, :]
+    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    g1 = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
+    g2 = tl.load(gp + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
     n1 = x1 * rstd
     n2 = x2 * rstd
+    c, s = _tables(cos_ptr, sin_ptr, pos_ptr, rows, rmask, cols, mask, T, stab, H, HAS_POS)
     # Undo the rotation (its transpose), then the norm: dx = rstd * (dn - n * mean(dn * n)).
     dn1 = g1 * c - g2 * s
     dn2 = g1 * s + g2 * c
-    dot = ((tl.sum(dn1 * n1, axis=2) + tl.sum(dn2 * n2, axis=2)) / (2 * HALF))[:, :, None]
-    tl.store(dx_ptr + do, (rstd * (dn1 - n1 * dot)).to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptr + do + HALF, (rstd * (dn2 - n2 * dot)).to(dx_ptr.dtype.element_ty), mask=mask)
+    dot = ((tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / (2 * HALF))[:, None]
+    dp = dx_ptr + _row_offsets(rows, T, sdb, sdt, sdh, H)[:, None] + cols[None, :]
+    tl.store(dp, (rstd * (dn1 - n1 * dot)).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dp + HALF, (rstd * (dn2 - n2 * dot)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_configs(), key=["HQ", "HK", "HALF", "HAS_POS"])
 @triton.jit
 def _rope_qknorm_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, N, T, eps,
                             sqb, sqt, sqh, skb, skt, skh, sqob, sqot, sqoh, skob, skot, skoh, stab,
-                            HQ: tl.constexpr, HQ_P: tl.constexpr, HK: tl.constexpr, HK_P: tl.constexpr,
-                            HALF: tl.constexpr, HALF_P: tl.constexpr, HAS_POS: tl.constexpr,
-                            BLOCK_T: tl.constexpr):
-    b, t, tmask, c, s = _token_block(cos_ptr, sin_ptr, pos_ptr, N, T, stab, HALF, HALF_P, BLOCK_T, HAS_POS)
-    _fwd_tile(q_ptr, qo_ptr, b * sqb + t * sqt, b * sqob + t * sqot, sqh, sqoh, tmask, c, s, eps,
-              HQ, HQ_P, HALF, HALF_P)
-    _fwd_tile(k_ptr, ko_ptr, b * skb + t * skt, b * skob + t * skot, skh, skoh, tmask, c, s, eps,
-              HK, HK_P, HALF, HALF_P)
+                            HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+                            HAS_POS: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    q_tiles = tl.cdiv(N * HQ, ROWS)
+    if pid < q_tiles:
+        _fwd_tile(q_ptr, qo_ptr, cos_ptr, sin_ptr, pos_ptr, pid, N * HQ, T, eps,
+                  sqb, sqt, sqh, sqob, sqot, sqoh, stab, HQ, HALF, HALF_P, ROWS, HAS_POS)
+    else:
+        _fwd_tile(k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, pid - q_tiles, N * HK, T, eps,
+                  skb, skt, skh, skob, skot, skoh, stab, HK, HALF, HALF_P, ROWS, HAS_POS)
 
 
 @triton.autotune(configs=_configs(), key=["HQ", "HK", "HALF", "HAS_POS"])
@@ -176,14 +175,16 @@ def _rope_qknorm_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_
 def _rope_qknorm_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, cos_ptr, sin_ptr, pos_ptr,
                             N, T, eps, sqb, sqt, sqh, skb, skt, skh, sgqb, sgqt, sgqh, sgkb, sgkt, sgkh,
                             sdqb, sdqt, sdqh, sdkb, sdkt, sdkh, stab,
-                            HQ: tl.constexpr, HQ_P: tl.constexpr, HK: tl.constexpr, HK_P: tl.constexpr,
-                            HALF: tl.constexpr, HALF_P: tl.constexpr, HAS_POS: tl.constexpr,
-                            BLOCK_T: tl.constexpr):
-    b, t, tmask, c, s = _token_block(cos_ptr, sin_ptr, pos_ptr, N, T, stab, HALF, HALF_P, BLOCK_T, HAS_POS)
-    _bwd_tile(q_ptr, gq_ptr, dq_ptr, b * sqb + t * sqt, b * sgqb + t * sgqt, b * sdqb + t * sdqt,
-              sqh, sgqh, sdqh, tmask, c, s, eps, HQ, HQ_P, HALF, HALF_P)
-    _bwd_tile(k_ptr, gk_ptr, dk_ptr, b * skb + t * skt, b * sgkb + t * sgkt, b * sdkb + t * sdkt,
-              skh, sgkh, sdkh, tmask, c, s, eps, HK, HK_P, HALF, HALF_P)
+                            HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+                            HAS_POS: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    q_tiles = tl.cdiv(N * HQ, ROWS)
+    if pid < q_tiles:
+        _bwd_tile(q_ptr, gq_ptr, dq_ptr, cos_ptr, sin_ptr, pos_ptr, pid, N * HQ, T, eps,
+                  sqb, sqt, sqh, sgqb, sgqt, sgqh, sdqb, sdqt, sdqh, stab, HQ, HALF, HALF_P, ROWS, HAS_POS)
+    else:
+        _bwd_tile(k_ptr, gk_ptr, dk_ptr, cos_ptr, sin_ptr, pos_ptr, pid - q_tiles, N * HK, T, eps,
+                  skb, skt, skh, sgkb, sgkt, sgkh, sdkb, sdkt, sdkh, stab, HK, HALF, HALF_P, ROWS, HAS_POS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,14 +208,13 @@ def _launch_args(q, k, cos, sin, positions):
     cos, sin = cos.contiguous(), sin.contiguous()
     pos = cos if positions is None else positions.reshape(-1).contiguous()  # dummy pointer when unused
     half = q.shape[-1] // 2
-    hq, hk = q.shape[-2], k.shape[-2]
-    consts = dict(HQ=hq, HQ_P=triton.next_power_of_2(hq), HK=hk, HK_P=triton.next_power_of_2(hk),
-                  HALF=half, HALF_P=triton.next_power_of_2(half), HAS_POS=positions is not None)
+    consts = dict(HQ=q.shape[-2], HK=k.shape[-2], HALF=half, HALF_P=triton.next_power_of_2(half),
+                  HAS_POS=positions is not None)
     return cos, sin, pos, consts
 
 
-def _grid(N):
-    return lambda meta: (triton.cdiv(N, meta["BLOCK_T"]),)
+def _grid(N, HQ, HK):
+    return lambda meta: (triton.cdiv(N * HQ, meta["ROWS"]) + triton.cdiv(N * HK, meta["ROWS"]),)
 
 
 def rope_qknorm_fwd(q, k, cos, sin, positions, eps, q_out, k_out):
@@ -225,7 +225,7 @@ def rope_qknorm_fwd(q, k, cos, sin, positions, eps, q_out, k_out):
     if N == 0:
         return q_out, k_out
     qv, kv, qov, kov = _as_btd(q), _as_btd(k), q_out.view(-1, *q.shape[-3:]), k_out.view(-1, *k.shape[-3:])
-    _rope_qknorm_fwd_kernel[_grid(N)](
+    _rope_qknorm_fwd_kernel[_grid(N, consts["HQ"], consts["HK"])](
         qv, kv, qov, kov, cos, sin, pos, N, T, eps,
         *qv.stride()[:3], *kv.stride()[:3], *qov.stride()[:3], *kov.stride()[:3], cos.stride(0), **consts)
     return q_out, k_out
@@ -239,7 +239,7 @@ def rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, dq, dk):
         return dq, dk
     qv, kv, gqv, gkv = _as_btd(q), _as_btd(k), _as_btd(grad_q), _as_btd(grad_k)
     dqv, dkv = dq.view(-1, *q.shape[-3:]), dk.view(-1, *k.shape[-3:])
-    _rope_qknorm_bwd_kernel[_grid(N)](
+    _rope_qknorm_bwd_kernel[_grid(N, consts["HQ"], consts["HK"])](
         qv, kv, gqv, gkv, dqv, dkv, cos, sin, pos, N, T, eps,
         *qv.stride()[:3], *kv.stride()[:3], *gqv.stride()[:3], *gkv.stride()[:3],
         *dqv.stride()[:3], *dkv.stride()[:3], cos.stride(0), **consts)
