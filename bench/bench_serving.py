@@ -5,6 +5,7 @@
 Workload (fixed seed): 256 requests, input and output lengths uniform in 100..1024, random prompt tokens,
 a d20-shaped model (MHA, or --n-kv-head for GQA) with random bf16 weights; every request generates exactly
 its output length (ignore_eos, greedy). Baselines on the same lengths:
+  sync     our engine with overlap=False: each step's tokens reach the host before the next step is launched
   hf       transformers LlamaForCausalLM with the same width/depth/heads/vocab and an MLP of equal FLOPs
            (SwiGLU with 8/3 x dim), `generate` with a static cache, batches of --hf-batch prompts (left
            padded), each batch generating its longest output (only the requested tokens are counted)
@@ -165,7 +166,7 @@ def main(argv=None):
     p.add_argument("--hf-requests", type=int, default=64)
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--serial-requests", type=int, default=4)
-    p.add_argument("--skip", default="", help="comma list of baselines to skip: hf,serial")
+    p.add_argument("--skip", default="", help="comma list of baselines to skip: hf,serial,sync")
     p.add_argument("--repeats", type=int, default=2, help="timed passes of our engine over the workload")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also profile a window of steady-state steps: GPU kernel table + Python hot spots")
@@ -188,6 +189,9 @@ def main(argv=None):
     print(f"ours: {ours}", flush=True)
     rows = {"ours": ours}
     skip = set(args.skip.split(","))
+    if "sync" not in skip:   # the same engine without overlapping host work and GPU steps
+        rows["sync"], _ = run_engine(model, reqs, overlap=False)
+        print(f"sync: {rows['sync']}", flush=True)
     if "serial" not in skip:
         sub = reqs[:args.serial_requests]
         rows["serial"], _ = run_engine(model, sub, max_num_seqs=1)

@@ -182,7 +182,8 @@ class Engine:
     """Continuous-batching generation over a paged KV cache; see the module docstring."""
 
     def __init__(self, model, tokenizer=None, *, num_blocks=None, block_size=16, kv_fraction=0.9, max_num_seqs=256,
-                 max_num_batched_tokens=8192, enable_prefix_caching=True, use_cuda_graphs=True, device=None):
+                 max_num_batched_tokens=8192, enable_prefix_caching=True, use_cuda_graphs=True, overlap=True,
+                 device=None):
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -214,6 +215,7 @@ class Engine:
             self.tool_ids = tuple(sp(f"<|{t}|>") for t in ("python_start", "python_end", "output_start", "output_end"))
         self.requests: dict[str, Sequence] = {}
         self.pending: _Launched | None = None   # the step launched last, whose tokens are not processed yet
+        self.overlap = overlap   # False: finish each step before returning (the synchronous baseline)
         self.counters = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, cached_tokens=0,
                              generated_tokens=0)
         self.ttft = deque(maxlen=1000)    # seconds from add_request to the first token, recent requests
@@ -292,7 +294,11 @@ class Engine:
             return []
         if decodes or prefills:
             self.pending = self._launch(decodes, prefills, copies, prev)
-        return self._finish(prev, self.pending) if prev is not None else []
+        deltas = self._finish(prev, self.pending) if prev is not None else []
+        if not self.overlap and self.pending is not None:
+            deltas += self._finish(self.pending, None)
+            self.pending = None
+        return deltas
 
     def _launch(self, decodes, prefills, copies, prev) -> "_Launched | None":
         if copies:

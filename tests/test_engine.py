@@ -55,7 +55,8 @@ def assert_all_blocks_free(engine):
     dict(max_num_batched_tokens=8, max_num_seqs=4),       # chunked prefill: the 40-token prompt takes 5+ steps
     dict(num_blocks=15, block_size=4),                     # 60 slots for ~170 tokens in flight: preemption
     dict(num_blocks=15, block_size=4, max_num_batched_tokens=6, max_num_seqs=3),   # both at once
-], ids=["plain", "chunked", "preempt", "chunked+preempt"])
+    dict(num_blocks=15, block_size=4, max_num_batched_tokens=6, max_num_seqs=3, overlap=False),   # synchronous
+], ids=["plain", "chunked", "preempt", "chunked+preempt", "sync"])
 def test_greedy_matches_naive(model, prompts, naive, kwargs):
     engine = Engine(model, **kwargs)
     results = engine.generate(prompts, GREEDY)
