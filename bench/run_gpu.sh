@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurement campaign, in phases that each fit one device call, run in the order given:
-#   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving,server
+#   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving,server,pipeline
 # "prebuilt" instead of "setup" installs around a carried fastchat_core/_C*.so without compiling.
 # Narrower runs: TEST_ARGS (test files for "tests"), KERNELS_ARGS (e.g. "-k rope"), SERVING_ARGS, TRAIN_ARGS.
 # Every phase writes its full output under $OUT (JSON + logs); the tables print last.
@@ -52,6 +52,12 @@ for phase in ${1//,/ }; do
         ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
     server)
       python3 -m fastchat_core.bench.bench_server --out "$OUT/server.json" 2>&1 | tee "$OUT/server.log" | tail -30 ;;
+    pipeline)
+      # every stage of a one-GPU d12 on the carried .data; resumable: a second call on the same (warm)
+      # machine continues at the first unfinished stage (markers in .home, kept between calls)
+      FASTCHAT_HOME="$PWD/.home" python3 -m fastchat_core.cli speedrun --preset d12-1gpu 2>&1 | tee -a "$OUT/pipeline.log" \
+        | grep -E "^\[speedrun\]|summary|CORE|ChatCORE|val bpb|reward|Error|error" | tail -40
+      cp -r "$PWD/.home/report" "$OUT/" 2>/dev/null ;;
     *)
       echo "unknown phase: $phase"; exit 2 ;;
   esac

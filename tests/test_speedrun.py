@@ -59,3 +59,22 @@ def test_offline_fallback_corpus_is_readable_text(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCHAT_HOME", str(tmp_path))
     with pytest.raises(SystemExit, match="FASTCHAT_DATA"):
         speedrun.main(["--preset", "d20"])  # only the tiny preset falls back
+
+
+@pytest.mark.parametrize("preset", sorted(speedrun.PRESETS))
+def test_every_stage_accepts_its_preset_arguments(tmp_path, monkeypatch, data_dir, preset):
+    """A typo in a preset would only show on the GPU, stages deep into a run: parse each stage's
+    arguments with its own driver's parser here."""
+    from fastchat_core.train import base, eval as evaluate, rl, sft
+    monkeypatch.setenv("FASTCHAT_HOME", str(tmp_path))
+    calls = record_calls(monkeypatch)
+    speedrun.main(["--preset", preset])
+    parsers = {"fastchat_core.train.base": base.get_args, "fastchat_core.train.sft": sft.get_args,
+               "fastchat_core.train.mid": lambda argv: sft.get_args(argv, "mid"),
+               "fastchat_core.train.rl": rl.get_args, "fastchat_core.train.eval": evaluate.get_args}
+    checked = 0
+    for module, cmd in calls:
+        if module in parsers:
+            parsers[module](cmd[cmd.index(module) + 1:])
+            checked += 1
+    assert checked == 6   # base, mid, sft, rl and two evals
