@@ -12,7 +12,7 @@ COMMANDS = {
     "chat": ("fastchat_core.chat_cli", "chat with a model in the terminal (-p for one question)"),
     "serve": ("fastchat_core.serve", "OpenAI-compatible server + web UI (--port, --api-key, ...)"),
     "report": ("fastchat_core.report", "write the markdown report card of a whole run"),
-    "speedrun": ("fastchat_core.train.speedrun", "every stage in order, tokenizer to chat (--preset tiny|d12-1gpu|d12|d20|d26)"),
+    "speedrun": ("fastchat_core.train.speedrun", "every stage, tokenizer to chat (--preset tiny|d12-1gpu|d12|d20|d26)"),
 }
 TRAIN_STAGES = {
     "base": ("fastchat_core.train.base", "pretrain a base model (torchrun for several GPUs)"),

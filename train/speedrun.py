@@ -1,4 +1,4 @@
-"""The whole pipeline in one command: `fastchat speedrun --preset tiny|d12|d20|d26`.
+"""The whole pipeline in one command: `fastchat speedrun --preset tiny|d12-1gpu|d12|d20|d26`.
 
 tokenizer -> base -> mid -> sft -> rl -> eval -> report -> one chat reply. Each stage runs as its own
 process (under torchrun when --nproc > 1) and leaves a marker in $FASTCHAT_HOME/speedrun/<preset>/ when it
