@@ -167,10 +167,12 @@ class BlockManager:
         Every token but the newest has had its K/V written by now, so full blocks before it get named.
         """
         table = self.tables[seq.seq_id]
-        if not self.can_append(seq):
+        self._check_one_more(seq, table)
+        opens = table.num_tokens % self.block_size == 0
+        if (opens or self.ref_counts[table.blocks[-1]] > 1) and not self.num_free_blocks:
             raise RuntimeError("out of KV blocks: check can_append(seq) first and preempt when it is False")
         copy = None
-        if table.num_tokens % self.block_size == 0:
+        if opens:
             table.blocks.append(self._take_block())
         elif self.ref_counts[table.blocks[-1]] > 1:
             src, dst = table.blocks[-1], self._take_block()
