@@ -15,14 +15,12 @@ of this card's device copy measured in the same run (bench/ceilings.py).
 """
 import argparse
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastchat_core.bench import ceilings
+from fastchat_core.bench import ceilings, provenance
 
 
 
@@ -109,9 +107,8 @@ def main(argv=None):
              (256, 1024, 10, 10, True), (4, 16384, 10, 10, False)]
     results = [run_case(*c) for c in cases]
     import triton
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": commit or os.environ.get("FASTCHAT_COMMIT", "unknown"), "ceilings": ceilings.measure(),
+           "commit": provenance.commit(), "ceilings": ceilings.measure(),
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))

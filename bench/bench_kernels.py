@@ -10,14 +10,13 @@ bench/results/kernels.json (or $KERNELS_JSON) gets medians, TFLOP/s or GB/s, % o
 """
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastchat_core.bench import ceilings
+from fastchat_core.bench import ceilings, provenance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 
@@ -203,9 +202,8 @@ def write_results():
     for r in RESULTS:
         b = base.get((r["family"], r["shape"]))
         r["speedup_vs_compile"] = b / r["median_ms"] if b else None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": commit or os.environ.get("FASTCHAT_COMMIT", "unknown"),
+           "commit": provenance.commit(),
            "floors": ceilings.measure(),
            "shapes": SHAPES, "results": RESULTS}
     out = Path(os.environ.get("KERNELS_JSON", "bench/results/kernels.json"))

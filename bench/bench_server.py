@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from fastchat_core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from fastchat_core.bench import provenance
 
 MEDIAN, SIGMA, CAP = 200, 0.8, 1024   # ShareGPT-like token lengths at --max-len 1024
 
@@ -401,8 +402,7 @@ def _versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = os.environ.get("FASTCHAT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = provenance.commit()
     return {"torch": torch.__version__, "triton": triton_version, "commit": commit}
 
 

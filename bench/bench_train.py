@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fastchat_core.bench import provenance
+
 ANCHOR = {12: {"tokens_per_s": 418_000, "mfu": 0.439}, 20: {"tokens_per_s": 122_700, "mfu": 0.433}}
 BATCH = {12: 32, 20: 16}
 
@@ -98,10 +100,9 @@ def main(argv=None):
             print(f"real text, last 50 steps: mean loss off {sum(a[tail]) / 50:.4f} on {sum(b[tail]) / 50:.4f}, "
                   f"mean |diff| {diff:.4f}; final val bpb off {last[0]} on {last[1]}")
             plot_curves(runs, Path(args.out).with_suffix(".png"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import triton
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": commit or os.environ.get("FASTCHAT_COMMIT", "unknown"),
+           "commit": provenance.commit(),
            "setup": "random tokens, vocab 65536, T=2048, MHA, bf16 autocast, torch.compile, optimizer step included",
            "anchor_nanochat": ANCHOR, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
