@@ -549,15 +549,20 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _deliver(self, request_id, item):
-        target = self._streams.get(request_id)
-        if target is None:
-            return   # the stream is gone; its abort is on the way
-        loop, deltas = target
-        try:
-            loop.call_soon_threadsafe(deltas.put_nowait, item)
-        except RuntimeError:   # that event loop is closed
-            pass
+    def _deliver(self, items):
+        """Hand (request_id, delta or error) pairs to their streams, with one wake-up per event loop rather
+        than one per item (a step yields a delta for every running sequence)."""
+        batches = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:   # else the stream is gone; its abort is on the way
+                loop, deltas = target
+                batches.setdefault(loop, []).append((deltas, item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:   # that event loop is closed
+                pass
 
     def _run(self):
         engine = self.engine
@@ -574,18 +579,22 @@ class AsyncEngine:
                     else:
                         engine.abort(command[1])
                 except Exception as e:   # e.g. a duplicate id: only that request fails
-                    self._deliver(command[-1], e)
+                    self._deliver([(command[-1], e)])
             if not engine.has_unfinished():
                 self._wake.wait()
                 continue
             try:
                 deltas = engine.step()
             except Exception as e:   # never leave a stream hanging: fail everything in flight, keep serving
-                for request_id in list(engine.requests):
+                failed = list(engine.requests)
+                for request_id in failed:
                     engine.abort(request_id)
-                    self._deliver(request_id, e)
+                self._deliver([(request_id, e) for request_id in failed])
                 continue
-            for delta in deltas:
-                self._deliver(delta.request_id, delta)
-        for request_id in list(self._streams):
-            self._deliver(request_id, RuntimeError("the AsyncEngine was closed"))
+            self._deliver([(delta.request_id, delta) for delta in deltas])
+        self._deliver([(request_id, RuntimeError("the AsyncEngine was closed")) for request_id in list(self._streams)])
+
+
+def _put_all(batch):
+    for deltas, item in batch:
+        deltas.put_nowait(item)
