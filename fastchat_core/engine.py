@@ -283,7 +283,11 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self.pending is not None
+        # a pending step whose sequences have all finished (their rows were computed ahead) is not work
+        pending = self.pending is not None and any(s.status != FINISHED for s in self.pending.seqs)
+        if self.pending is not None and not pending:
+            self.pending = None
+        return self.scheduler.has_unfinished() or pending
 
     # ---- one step ---------------------------------------------------------------------------------
 
