@@ -117,8 +117,8 @@ class ModelRunner:
         n = len(seqs)
         bs = min((b for b in self.graphs if b >= n), default=None)   # the smallest captured size that fits
         if bs is None:
-            batch = PagedBatch(False, self._tensor(slots, torch.int64), self._tables(seqs).to(self.device, non_blocking=True),
-                               self._tensor(ctx, torch.int32))
+            tables = self._tables(seqs).to(self.device, non_blocking=True)
+            batch = PagedBatch(False, self._tensor(slots, torch.int64), tables, self._tensor(ctx, torch.int32))
             ids = self._fill(self._tensor(ids, torch.int64), fill)
             return self.model.forward_paged(ids, self._tensor(pos, torch.int64), batch, self.kv_caches)
         # Pad to the captured size: padding rows write nowhere (slot -1) and read one token of their first block.
@@ -285,8 +285,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         # a pending step whose sequences have all finished (their rows were computed ahead) is not work
         pending = self.pending is not None and any(s.status != FINISHED for s in self.pending.seqs)
-        if self.pending is not None and not pending:
-            self.pending = None
         return self.scheduler.has_unfinished() or pending
 
     # ---- one step ---------------------------------------------------------------------------------

@@ -328,3 +328,13 @@ def test_cuda_graph_decode_matches_eager_and_naive(dtype):
     assert sum(r.token_ids == s.token_ids for r, s in zip(a, b)) >= len(prompts) - 1
     assert graphed.metrics()["preemptions"] > 0   # 80 slots for 130 tokens: preempted under graphs too
     assert_all_blocks_free(graphed)
+
+
+def test_generate_ending_on_a_stop_token_leaves_no_work(monkeypatch, tok):
+    """The row computed ahead for a request's last token is not left behind as unfinished work."""
+    eos = tok.encode_special("<|assistant_end|>")
+    monkeypatch.setattr(Engine, "_sample", scripted_sampler([50, 60, eos]))
+    engine = Engine(mqa_gpt(tok.vocab_size), tok)
+    assert engine.generate([[tok.bos_id, 3]], SamplingParams(max_tokens=10))[0].token_ids == [50, 60, eos]
+    assert not engine.has_unfinished()
+    assert_all_blocks_free(engine)
