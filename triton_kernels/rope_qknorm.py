@@ -154,8 +154,14 @@ def _bwd_tile(x_ptr, g_ptr, dx_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, 
     tl.store(dp + HALF, (rstd * (dn2 - n2 * dot)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# The token counts N and T are not specialized on (Triton would compile a variant, and autotune it, for
+# every new N % 16 == 0 / N == 1 class: the engine's ragged prefills would hit those compiles while
+# serving). The interpreter binds arguments wrongly with do_not_specialize, and has nothing to save.
+_NO_SPEC = [] if _INTERPRET else ["N", "T"]
+
+
 @triton.autotune(configs=_configs(), key=["HQ", "HK", "HALF", "HAS_POS"])
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _rope_qknorm_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, N, T, eps,
                             sqb, sqt, sqh, skb, skt, skh, sqob, sqot, sqoh, skob, skot, skoh, stab,
                             HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
@@ -171,7 +177,7 @@ def _rope_qknorm_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_
 
 
 @triton.autotune(configs=_configs(), key=["HQ", "HK", "HALF", "HAS_POS"])
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _rope_qknorm_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, cos_ptr, sin_ptr, pos_ptr,
                             N, T, eps, sqb, sqt, sqh, skb, skt, skh, sgqb, sgqt, sgqh, sgkb, sgkt, sgkh,
                             sdqb, sdqt, sdqh, sdkb, sdkt, sdkh, stab,
@@ -292,10 +298,34 @@ def _backward(ctx, grad_q, grad_k):
 _rope_qknorm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _RopeQKNormEager(torch.autograd.Function):
+    """The same two launches as the custom ops, for eager callers. The custom ops' Python dispatch
+    (schema checks, fake-tensor plumbing, a second op for backward) costs ~100-250 us of CPU per
+    fwd+bwd, about as long as the kernels themselves run at d20, so the GPU would wait on it."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, positions, eps):
+        ctx.save_for_backward(q, k, cos, sin, positions)
+        ctx.eps = eps
+        return rope_qknorm_fwd(q, k, cos, sin, positions, eps, torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                               torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        q, k, cos, sin, positions = ctx.saved_tensors
+        dq, dk = rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, ctx.eps,
+                                 torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                                 torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        return dq, dk, None, None, None, None
+
+
 def rope_qknorm_triton(q, k, cos, sin, positions=None, eps=1e-6):
     """Same signature and result as rope_qknorm_reference, through the fused Triton kernels
-    (differentiable in q and k; CUDA tensors, or CPU under TRITON_INTERPRET=1).
+    (differentiable in q and k; CUDA tensors, or CPU under TRITON_INTERPRET=1). Under torch.compile it
+    is the custom op (no graph break); eager calls skip the op's dispatch (see _RopeQKNormEager).
 
     The first call per (heads, head_dim, positions or not) autotunes: warm up before CUDA graph capture.
     Positions outside the tables are not checked here (that would sync the GPU)."""
-    return _rope_qknorm_op(q, k, cos, sin, positions, eps)
+    if torch.compiler.is_compiling():
+        return _rope_qknorm_op(q, k, cos, sin, positions, eps)
+    return _RopeQKNormEager.apply(q, k, cos, sin, positions, eps)

@@ -145,6 +145,8 @@ def _configs():
         triton.Config({"BLOCK_V": 4096}, num_warps=8),
         triton.Config({"BLOCK_V": 8192}, num_warps=16),
         triton.Config({"BLOCK_V": 16384}, num_warps=32),
+        # a whole 65,536-wide row per block: pass 2 then re-reads a row that has just gone through L2
+        triton.Config({"BLOCK_V": 65536}, num_warps=32),
     ]
 
 
