@@ -261,10 +261,7 @@ class Engine:
         request_id = uuid.uuid4().hex if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, prompt_ids, params, gen)
+        seq = Sequence(request_id, prompt_ids, params)
         seq.arrival_time = time.perf_counter()
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -381,7 +378,8 @@ class Engine:
         return deltas
 
     def _sample(self, seqs, logits) -> torch.Tensor:
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self.generator)
+        # the token being drawn is each sequence's next output token (the newest may be PENDING: it counts)
+        return sample(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs], self.generator)
 
     def _append(self, seq: Sequence, token: int, now: float) -> Delta:
         """Account for a sequence's newest token, apply tools and stop rules, and say what is new."""

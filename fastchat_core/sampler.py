@@ -2,9 +2,12 @@
 
 Sampling draws with the exponential race: token = argmax(p_i / E_i) with E_i ~ Exp(1) is an exact draw
 from p, and it lets the filtering (temperature, top-k, top-p) run on the whole batch at once while each
-seeded request takes its noise from its own generator. A seeded request therefore gets the same tokens
-whatever else shares its batch; unseeded requests share one engine generator (one launch for all of them).
+seeded request takes its own noise. That noise is a function of (seed, token index) alone, not a stream
+read in order: a seeded request gets the same tokens whatever else shares its batch, and a draw the engine
+makes ahead and then throws away (the token after a tool call is pasted, not sampled) shifts nothing.
+Unseeded requests share one engine generator (one launch for all of them).
 """
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +19,7 @@ class SamplingParams:
     temperature: float = 1.0         # 0 = greedy
     top_k: int = 0                   # 0 = no top-k filter
     top_p: float = 1.0               # 1 = no nucleus filter
-    seed: int | None = None          # per-request generator: reproducible whatever the batch is
+    seed: int | None = None          # reproducible tokens whatever the batch is
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)   # stop strings, matched on decoded text (needs a tokenizer)
     ignore_eos: bool = False         # keep going past <|assistant_end|> / <|bos|>
@@ -43,10 +46,16 @@ def _on(device, data, dtype):
     return torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list, default_gen) -> torch.Tensor:
+def _token_seed(seed: int, index: int) -> int:
+    """The generator seed for a request's index-th output token. Hashed, so that nearby pairs share nothing
+    (the server gives choice i seed + i), and spread over all 64 bits (the CPU generator keeps only 32)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest(), "little")
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int], default_gen) -> torch.Tensor:
     """One token per row of float32 logits (B, V): greedy rows take the argmax, others are drawn after
-    temperature, top-k and top-p. generators[i] (or None) is row i's own generator; rows without one use
-    `default_gen`. Returns int64 (B,) on the logits' device."""
+    temperature, top-k and top-p. A seeded row's noise comes from (its seed, indices[i]: the output index of
+    the token it draws); unseeded rows draw from `default_gen`. Returns int64 (B,) on the logits' device."""
     tokens = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
@@ -69,8 +78,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
         x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(-1)
     noise = torch.empty_like(probs).exponential_(generator=default_gen)
+    gen = torch.Generator(device=dev)
     for j, i in enumerate(rows):
-        if generators[i] is not None:
-            noise[j].exponential_(generator=generators[i])
+        if params[i].seed is not None:   # reseeding is a host op: no sync, and the launch keeps its seed
+            noise[j].exponential_(generator=gen.manual_seed(_token_seed(params[i].seed, indices[i])))
     tokens[sel] = (probs / noise).argmax(-1)
     return tokens

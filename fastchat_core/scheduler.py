@@ -23,13 +23,12 @@ _seq_ids = itertools.count()
 class Sequence:
     """One request's tokens and progress. token_ids = prompt + output; K/V exist for token_ids[:num_computed]."""
 
-    def __init__(self, request_id, prompt_ids: list[int], params: SamplingParams, generator=None):
+    def __init__(self, request_id, prompt_ids: list[int], params: SamplingParams):
         self.seq_id = next(_seq_ids)          # the BlockManager's key; request ids are the user's
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
-        self.generator = generator
         self.status = WAITING
         self.num_computed = 0
         self.prefill_len = 0                  # tokens to compute before the next sample (set on admission)

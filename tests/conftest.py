@@ -161,12 +161,13 @@ def slow_steps(engine, seconds):
         del engine.step
 
 
-def scripted_sampler(scripts, cycle=False):
+def scripted_sampler(scripts, cycle=False, then=None):
     """A stand-in for Engine._sample(self, seqs, logits) that plays fixed token scripts: the n-th sampled token
     of a request (pasted tool output not counted) is its script's n-th, then 0 (or the script again with
-    cycle). `scripts`: request id -> list, or one list for every request. The engine samples one token ahead
-    of knowing whether the previous one ended the sequence or opened a tool call, and draws again for a
-    token it dropped, so a draw must depend on n alone, not on how many draws came before."""
+    cycle, or what `then(engine, seqs, logits)` samples, e.g. the real Engine._sample). `scripts`: request
+    id -> list, or one list for every request. The engine samples one token ahead of knowing whether the
+    previous one ended the sequence or opened a tool call, and draws again for a token it dropped, so a draw
+    must depend on n alone, not on how many draws came before (as the real sampler's seeded draws do)."""
     def nth(engine, seq):
         n, pasted, ids = 0, False, engine.tool_ids
         for t in seq.output_ids:   # the newest may still be PENDING: it was sampled, so it counts
@@ -177,6 +178,15 @@ def scripted_sampler(scripts, cycle=False):
 
     def token(seq, n):
         script = scripts[seq.request_id] if isinstance(scripts, dict) else scripts
-        return script[n % len(script)] if cycle else script[n] if n < len(script) else 0
+        return script[n % len(script)] if cycle else script[n] if n < len(script) else None
 
-    return lambda engine, seqs, logits: torch.tensor([token(s, nth(engine, s)) for s in seqs])
+    def play(engine, seqs, logits):
+        # `then` samples every row, scripted or not, as the engine would
+        tokens = then(engine, seqs, logits) if then is not None else torch.zeros(len(seqs), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            t = token(seq, nth(engine, seq))
+            if t is not None:
+                tokens[i] = t
+        return tokens
+
+    return play

@@ -138,10 +138,10 @@ def test_sampler_filters_and_distribution():
     rows = logits.expand(n, -1)
 
     def freqs(**kw):
-        toks = sample(rows, [SamplingParams(**kw)] * n, [None] * n, gen)
+        toks = sample(rows, [SamplingParams(**kw)] * n, [0] * n, gen)
         return torch.bincount(toks, minlength=5).float() / n
 
-    assert sample(logits, [SamplingParams(temperature=0)], [None], gen).tolist() == [0]
+    assert sample(logits, [SamplingParams(temperature=0)], [0], gen).tolist() == [0]
     torch.testing.assert_close(freqs(temperature=0.7), (logits[0] / 0.7).softmax(-1), atol=0.015, rtol=0)
     top2 = logits[0, :2].softmax(-1)
     torch.testing.assert_close(freqs(top_k=2)[:2], top2, atol=0.015, rtol=0)
@@ -152,7 +152,7 @@ def test_sampler_filters_and_distribution():
     assert freqs(top_p=0.01)[0] == 1 and freqs(top_k=1)[0] == 1
     # filters are per row: a batch mixing top-k 2, no filter and top-k 1
     mixed = sample(rows[:3000], [SamplingParams(top_k=2), SamplingParams(), SamplingParams(top_k=1)] * 1000,
-                   [None] * 3000, gen).view(1000, 3)
+                   [0] * 3000, gen).view(1000, 3)
     assert [set(mixed[:, i].tolist()) for i in range(3)] == [{0, 1}, {0, 1, 2, 3, 4}, {0}]
 
 
@@ -216,6 +216,27 @@ def test_tool_call_forces_output_tokens(monkeypatch, tok, code, output):
     _, r = run(engine, [tok.bos_id, 3, 4], SamplingParams(max_tokens=len(call) + 2))
     assert (r.token_ids, r.finish_reason) == (call + forced[:2], "length")
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("code,output", [("2+3", "5"), ("sum(range(10))", "45")])   # calculator, then sandbox
+def test_seeded_sampling_after_a_tool_call_is_the_same_with_and_without_overlap(monkeypatch, tok, code, output):
+    """Overlap samples a row ahead for the token after <|python_end|> and drops it (tool output is pasted
+    there): that dropped draw must not shift the seeded draws that follow the tool output."""
+    model = mqa_gpt(tok.vocab_size)
+    sp = tok.encode_special
+    call = [sp("<|python_start|>"), *tok.encode(code), sp("<|python_end|>")]
+    # the model "writes" the call, then the real sampler takes over
+    monkeypatch.setattr(Engine, "_sample", scripted_sampler(call, then=Engine._sample))
+    params = SamplingParams(max_tokens=len(call) + 20, temperature=1.0, seed=5, ignore_eos=True)
+
+    def tokens(overlap, seed=5):
+        return run(Engine(model, tok, overlap=overlap), [tok.bos_id, 3, 4], replace(params, seed=seed))[1].token_ids
+
+    out = tokens(True)
+    forced = [sp("<|output_start|>"), *tok.encode(output), sp("<|output_end|>")]
+    assert out[:len(call) + len(forced)] == call + forced
+    assert out == tokens(False) == tokens(True)
+    assert tokens(True, seed=6) != out
 
 
 def test_slow_tool_call_pauses_only_its_own_sequence(monkeypatch, tok):
