@@ -47,16 +47,16 @@ PRESETS = {
                        "--eval-every=0", "--device-batch-size=8"],
                    eval_base=["--core", "--bpb", "--max-per-task=16", "--bpb-tokens=65536"],
                    eval_chat=["--chat", "--max-per-task=16"]),
-    # one GPU, every stage shortened to fit one 10-minute call on one H100/H200 (nothing survives between
-    # calls there): base 250 steps x 131k tokens = 33M tokens; CORE on 200 items per task, ChatCORE on 100
-    "d12-1gpu": Preset(depth=12, vocab=65536, seq_len=2048, batch=32, total_batch=131072, base_steps=250,
+    # one GPU, every stage shortened to fit one 8-minute device call on one H100/H200 (nothing survives
+    # between calls there): base 200 steps x 131k tokens = 26M tokens; CORE on 100 items per task, ChatCORE on 50
+    "d12-1gpu": Preset(depth=12, vocab=65536, seq_len=2048, batch=32, total_batch=131072, base_steps=200,
                        tok_chars=2e8, nproc=1,
-                       mid=["--num-iterations=100", "--device-batch-size=16", "--rows-per-step=64"],
-                       sft=["--num-iterations=60", "--device-batch-size=16", "--rows-per-step=64"],
+                       mid=["--num-iterations=60", "--device-batch-size=16", "--rows-per-step=64"],
+                       sft=["--num-iterations=40", "--device-batch-size=16", "--rows-per-step=64"],
                        rl=["--num-steps=6", "--group-size=8", "--questions-per-step=16", "--max-new-tokens=256",
                            "--eval-every=0", "--device-batch-size=32"],
-                       eval_base=["--core", "--bpb", "--max-per-task=200", "--bpb-tokens=1048576"],
-                       eval_chat=["--chat", "--max-per-task=100"]),
+                       eval_base=["--core", "--bpb", "--max-per-task=100", "--bpb-tokens=1048576"],
+                       eval_chat=["--chat", "--max-per-task=50"]),
     # 8 GPUs (nanochat's speedrun scale); d12 is the quick one
     "d12": Preset(depth=12, vocab=65536, seq_len=2048, batch=32, total_batch=524288, base_steps=-1, tok_chars=2e9,
                   nproc=8, eval_base=["--core", "--bpb"], eval_chat=["--chat"]),
@@ -120,7 +120,7 @@ def main(argv=None):
     base_args = [f"--depth={pre.depth}", f"--seq-len={pre.seq_len}", f"--device-batch-size={pre.batch}",
                  f"--total-batch-size={pre.total_batch}", f"--data={pretrain}", f"--tokenizer={tokenizer}",
                  "--log-every=25"]
-    base_args += ["--eval-every=100", "--eval-tokens=65536"] if args.preset == "tiny" else ["--eval-every=250"]
+    base_args += ["--eval-every=100", "--eval-tokens=65536"] if args.preset == "tiny" else ["--eval-every=200"]
     if pre.base_steps > 0:
         base_args.append(f"--num-iterations={pre.base_steps}")
     run = lambda stage: str(home / stage / f"d{pre.depth}")  # noqa: E731
