@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastchat_core.bench import ceilings, provenance
+from fastchat_core.bench import ceilings
+from fastchat_core.common import git_commit
 
 
 
@@ -45,7 +46,6 @@ def make_case(B, ctx, Hq, Hk, D=128, block=16, ragged=False, seed=0):
 
 
 def gather_dense(kc, vc, tables, max_len):
-    B = tables.size(0)
     k = kc[tables.long()].flatten(1, 2)[:, :max_len]  # (B, L, Hk, D)
     v = vc[tables.long()].flatten(1, 2)[:, :max_len]
     return k.transpose(1, 2), v.transpose(1, 2)
@@ -108,7 +108,7 @@ def main(argv=None):
     results = [run_case(*c) for c in cases]
     import triton
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": provenance.commit(), "ceilings": ceilings.measure(),
+           "commit": git_commit(), "ceilings": ceilings.measure(),
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastchat_core.bench import ceilings, provenance
+from fastchat_core.bench import ceilings
+from fastchat_core.common import git_commit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 
@@ -164,11 +165,6 @@ def test_rope_qknorm(benchmark, shape, impl):
         rel = ((o.float() - r).norm() / r.norm()).item()
         assert rel < 1e-2, rel
 
-    def step():
-        q.grad = k.grad = None
-        a, b = f(q, k, cos, sin)
-        torch.autograd.backward((a, b), (gq, gk))
-
     if impl == "ours_kernels":  # the two launches alone, no autograd: kernel time vs dispatch overhead
         from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_bwd, rope_qknorm_fwd
         outs = [torch.empty_like(t) for t in (q, k, q, k)]
@@ -176,6 +172,11 @@ def test_rope_qknorm(benchmark, shape, impl):
         def step():
             rope_qknorm_fwd(q.detach(), k.detach(), cos, sin, None, 1e-6, outs[0], outs[1])
             rope_qknorm_bwd(gq, gk, q.detach(), k.detach(), cos, sin, None, 1e-6, outs[2], outs[3])
+    else:
+        def step():
+            q.grad = k.grad = None
+            a, b = f(q, k, cos, sin)
+            torch.autograd.backward((a, b), (gq, gk))
     nbytes = 10 * q.numel() * q.element_size() * 2 / 2  # 10 passes over q and k (5 each way), bf16
     floor = nbytes / ceilings.measure()["copy_bw_Bps"] * 1e3
     record(benchmark, "rope_qknorm", shape, impl, step, floor, nbytes, "tbps")
@@ -229,7 +230,7 @@ def write_results():
         b = base.get((r["family"], r["shape"]))
         r["speedup_vs_compile"] = b / r["median_ms"] if b else None
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": provenance.commit(),
+           "commit": git_commit(),
            "floors": ceilings.measure(),
            "shapes": SHAPES, "results": RESULTS}
     out = Path(os.environ.get("KERNELS_JSON", "bench/results/kernels.json"))

@@ -46,8 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastchat_core.common import git_commit
 from fastchat_core.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-from fastchat_core.bench import provenance
+
 
 MEDIAN, SIGMA, CAP = 200, 0.8, 1024   # ShareGPT-like token lengths at --max-len 1024
 
@@ -402,7 +403,7 @@ def _versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = provenance.commit()
+    commit = git_commit()
     return {"torch": torch.__version__, "triton": triton_version, "commit": commit}
 
 

@@ -173,7 +173,8 @@ def main(argv=None):
     reqs = workload(args.requests, 100, 1024, cfg.vocab_size)
     # bytes read per decode step: every weight except the embedding table (only B rows of it are read)
     weight_bytes = (cfg.num_params() - cfg.vocab_size * cfg.dim) * 2
-    from fastchat_core.bench import ceilings, provenance
+    from fastchat_core.bench import ceilings
+    from fastchat_core.common import git_commit
     ceil = ceilings.measure()
     bound = roofline_tokens_per_s(reqs, cfg, weight_bytes, ceil["copy_bw_Bps"], ceil["matmul_flops"])
     # The first pass pays one-time costs (allocator growth, kernel selection); a server lives long, so the
@@ -204,7 +205,7 @@ def main(argv=None):
         print(f"hf: {rows['hf_static']}", flush=True)
     import triton
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": provenance.commit(),
+           "commit": git_commit(),
            "model": {"depth": cfg.depth, "dim": cfg.dim, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
                      "vocab": cfg.vocab_size, "params": cfg.num_params(), "dtype": "bfloat16"},
            "workload": {"requests": args.requests, "in_out_uniform": [100, 1024], "seed": 0,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastchat_core.bench import provenance
+from fastchat_core.common import git_commit
 
 ANCHOR = {12: {"tokens_per_s": 418_000, "mfu": 0.439}, 20: {"tokens_per_s": 122_700, "mfu": 0.433}}
 BATCH = {12: 32, 20: 16}
@@ -102,7 +102,7 @@ def main(argv=None):
             plot_curves(runs, Path(args.out).with_suffix(".png"))
     import triton
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "commit": provenance.commit(),
+           "commit": git_commit(),
            "setup": "random tokens, vocab 65536, T=2048, MHA, bf16 autocast, torch.compile, optimizer step included",
            "anchor_nanochat": ANCHOR, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -145,3 +145,16 @@ class MetricsLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def git_commit() -> str:
+    """Which code this is: $FASTCHAT_COMMIT when set (a copy of the working tree, as the GPU machine gets,
+    may carry a stale .git or none), else `git rev-parse` of this package's checkout."""
+    if os.environ.get("FASTCHAT_COMMIT"):
+        return os.environ["FASTCHAT_COMMIT"]
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastchat_core.checkpoint import latest_checkpoint, load_meta
-from fastchat_core.common import home_dir
+from fastchat_core.common import git_commit, home_dir
 
 STAGES = ("tokenizer", "base", "mid", "sft", "rl")
 MODEL_STAGES = STAGES[1:]
@@ -35,13 +34,8 @@ def environment() -> dict:
         device = f"{n} x {torch.cuda.get_device_name(0)}"
     else:
         device = f"CPU only ({os.cpu_count()} cores, {platform.machine()})"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
     return {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-            "platform": platform.platform(), "git commit": commit}
+            "platform": platform.platform(), "git commit": git_commit()}
 
 
 def read_metrics(path: Path) -> list[dict]:
