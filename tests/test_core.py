@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import save_tiny_run, tiny_gpt
 from fastchat_core.eval import core
@@ -49,9 +50,14 @@ class BigramModel(nn.Module):
         self.config = SimpleNamespace(seq_len=seq_len)
         self.inputs = []
 
-    def forward(self, idx):
-        self.inputs.append(idx.clone())
-        return self.table[idx]
+    def forward(self, idx, targets=None, reduction="mean"):
+        """GPT's contract: logits, or with targets the losses (per token for reduction="none")."""
+        # the whole sequences scored (with targets, the inputs are all but their last token)
+        self.inputs.append(idx.clone() if targets is None else torch.cat([idx, targets[:, -1:]], 1))
+        logits = self.table[idx]
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction).view(targets.shape)
 
 
 def mc(query, choices, gold):

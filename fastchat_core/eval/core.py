@@ -149,10 +149,14 @@ def score_candidates(model, seqs, spans, task_type: str, pad_id: int, device=Non
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     ids = ids.to(device)
-    logits = model(ids)[:, :-1].float()  # position t predicts token t + 1
-    targets = ids[:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    means = [losses[i, a - 1:b - 1].mean().item() for i, (a, b) in enumerate(spans)]
+    inputs, targets = ids[:, :-1], ids[:, 1:]   # position t predicts token t + 1
+    if task_type == "language_modeling":   # the argmax is needed too: full logits, of one sequence
+        logits = model(inputs).float()
+        # rows of (B*T, V), not (B, V, T): with the classes not last, CUDA takes a slow strided log-softmax
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    else:   # losses only: the fused head never materializes the (B, T, V) float32 logits
+        losses = model(inputs, targets, reduction="none").float()
+    means = torch.stack([losses[i, a - 1:b - 1].mean() for i, (a, b) in enumerate(spans)]).tolist()
     if task_type == "language_modeling":
         a, b = spans[0]
         correct = bool((logits[0, a - 1:b - 1].argmax(-1) == targets[0, a - 1:b - 1]).all())
