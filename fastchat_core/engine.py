@@ -336,7 +336,7 @@ class Engine:
                 self._collect_tools([seq], block=True)
         forced = [seq.forced.popleft() if seq.forced else None for seq in ready]
         rows = [i for i, f in enumerate(forced) if f is None]
-        logits = torch.cat(logits)
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)   # decode-only steps: no 60 MB copy
         if len(rows) < len(ready):   # a device index, not a list: indexing with a list would sync
             logits = logits[self.runner._tensor(rows, torch.int64)]
         tokens = self._sample([ready[i] for i in rows], logits) if rows else logits.new_empty(0, dtype=torch.long)
