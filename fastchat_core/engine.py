@@ -71,9 +71,14 @@ class ModelRunner:
     """Owns the KV cache tensors and runs the model's paged forward for a planned batch."""
 
     def __init__(self, model, block_manager: BlockManager, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool):
+                 use_cuda_graphs: bool, compile_decode: bool = False):
         cfg, p = model.config, next(model.parameters())
         self.model, self.bm, self.device = model, block_manager, p.device
+        # torch.compile fuses the decode step's norms, residual adds, ReLU^2 and logit softcap (the custom
+        # ops stay calls and write the caches in place); batch sizes are symbolic, so one compile serves
+        # every graph bucket. Opt-in: it costs a compile at start-up.
+        self._decode_forward = (torch.compile(model.forward_paged, dynamic=True, fullgraph=True) if compile_decode
+                                else model.forward_paged)
         shape = (block_manager.num_blocks, block_manager.block_size, cfg.n_kv_head, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=p.dtype, device=self.device),
                            torch.zeros(shape, dtype=p.dtype, device=self.device)) for _ in range(cfg.n_layer)]
@@ -120,7 +125,7 @@ class ModelRunner:
             tables = self._tables(seqs).to(self.device, non_blocking=True)
             batch = PagedBatch(False, self._tensor(slots, torch.int64), tables, self._tensor(ctx, torch.int32))
             ids = self._fill(self._tensor(ids, torch.int64), fill)
-            return self.model.forward_paged(ids, self._tensor(pos, torch.int64), batch, self.kv_caches)
+            return self._decode_forward(ids, self._tensor(pos, torch.int64), batch, self.kv_caches)
         # Pad to the captured size: padding rows write nowhere (slot -1) and read one token of their first block.
         # Table entries past a row's context are never read, so only the columns in use are copied.
         pad = bs - n
@@ -175,11 +180,11 @@ class ModelRunner:
         pool = None
         for bs in reversed(sizes):
             args = (s_ids[:bs], s_pos[:bs], PagedBatch(False, s_slots[:bs], s_tables[:bs], s_ctx[:bs]), self.kv_caches)
-            self.model.forward_paged(*args)   # warm-up: Triton autotuning and cuBLAS set-up must not be captured
+            self._decode_forward(*args)   # warm-up: compiling, Triton autotuning, cuBLAS set-up are not captured
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.forward_paged(*args)
+                logits = self._decode_forward(*args)
             pool = graph.pool()
             self.graphs[bs] = (graph, logits)
         torch.cuda.synchronize(self.device)
@@ -190,7 +195,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, num_blocks=None, block_size=16, kv_fraction=0.9, max_num_seqs=256,
                  max_num_batched_tokens=8192, enable_prefix_caching=True, use_cuda_graphs=True, overlap=True,
-                 device=None):
+                 compile_decode=False, device=None):
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -209,7 +214,7 @@ class Engine:
         self.max_context = model.cos.size(0)            # the rotary table: 4x the training length
         self.cache_tokens = num_blocks * block_size
         self.runner = ModelRunner(model, self.block_manager, max_num_seqs,
-                                  min(self.max_context, self.cache_tokens), use_cuda_graphs)
+                                  min(self.max_context, self.cache_tokens), use_cuda_graphs, compile_decode)
         self.generator = torch.Generator(device=self.device)
         self.generator.seed()                            # unseeded requests: fresh randomness per engine
         # sandboxed tool calls run beside the steps, so a slow one pauses only its own sequence

@@ -56,7 +56,8 @@ def assert_all_blocks_free(engine):
     dict(num_blocks=15, block_size=4),                     # 60 slots for ~170 tokens in flight: preemption
     dict(num_blocks=15, block_size=4, max_num_batched_tokens=6, max_num_seqs=3),   # both at once
     dict(num_blocks=15, block_size=4, max_num_batched_tokens=6, max_num_seqs=3, overlap=False),   # synchronous
-], ids=["plain", "chunked", "preempt", "chunked+preempt", "sync"])
+    dict(num_blocks=15, block_size=4, compile_decode=True),   # torch.compile'd decode (inductor on the CPU)
+], ids=["plain", "chunked", "preempt", "chunked+preempt", "sync", "compiled"])
 def test_greedy_matches_naive(model, prompts, naive, kwargs):
     engine = Engine(model, **kwargs)
     results = engine.generate(prompts, GREEDY)
@@ -335,12 +336,13 @@ def test_user_errors_have_clear_messages(model, tok):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compile_decode", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_matches_eager_and_naive(dtype):
+def test_cuda_graph_decode_matches_eager_and_naive(dtype, compile_decode):
     model = mqa_gpt(head_dim=64).cuda()   # the CUDA decode kernel takes head_dim 64 and 128
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (1, 7, 40, 19, 3)]   # 5: a padded bucket
-    graphed = Engine(model.to(dtype), num_blocks=20, block_size=4, max_num_seqs=8)
+    graphed = Engine(model.to(dtype), num_blocks=20, block_size=4, max_num_seqs=8, compile_decode=compile_decode)
     assert sorted(graphed.runner.graphs) == [1, 2, 4, 8]
     eager = Engine(model, num_blocks=20, block_size=4, max_num_seqs=8, use_cuda_graphs=False)
     a, b = graphed.generate(prompts, GREEDY), eager.generate(prompts, GREEDY)
