@@ -296,7 +296,20 @@ class Engine:
         """Launch the next forward pass, then finish the previous one (their tokens reach the host while the
         GPU runs this one), so the host's bookkeeping overlaps the GPU instead of idling it. A sequence
         decoded last step decodes again now with its newest token still PENDING: the device fills it in.
-        If that token ends the sequence or starts a tool call, the row computed ahead is dropped."""
+        If that token ends the sequence or starts a tool call, the row computed ahead is dropped.
+
+        If a step raises (a CUDA error, out of memory, a bug), its plan is left half applied (slots reserved,
+        tokens PENDING), so every request in flight is aborted, freeing its blocks, before the error reaches
+        the caller: the engine is clean and takes new requests."""
+        try:
+            return self._step()
+        except BaseException:
+            self.pending = None
+            for request_id in list(self.requests):
+                self.abort(request_id)
+            raise
+
+    def _step(self) -> list[Delta]:
         self._collect_tools()
         decodes, prefills, copies = self.scheduler.schedule()
         prev, self.pending = self.pending, None
@@ -588,13 +601,11 @@ class AsyncEngine:
             if not engine.has_unfinished():
                 self._wake.wait()
                 continue
+            in_flight = list(engine.requests)
             try:
                 deltas = engine.step()
-            except Exception as e:   # never leave a stream hanging: fail everything in flight, keep serving
-                failed = list(engine.requests)
-                for request_id in failed:
-                    engine.abort(request_id)
-                self._deliver([(request_id, e) for request_id in failed])
+            except Exception as e:   # the engine aborted everything in flight: fail those streams, keep serving
+                self._deliver([(request_id, e) for request_id in in_flight])
                 continue
             self._deliver([(delta.request_id, delta) for delta in deltas])
         self._deliver([(request_id, RuntimeError("the AsyncEngine was closed")) for request_id in list(self._streams)])

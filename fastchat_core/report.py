@@ -151,6 +151,22 @@ def _cell(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def speedrun_section(run_root: Path) -> list:
+    """Per `fastchat speedrun` preset, each stage's whole process time (start-up, data preparation and
+    evaluation included), from the stage markers; [] when no speedrun ran here."""
+    md = []
+    for folder in sorted(p for p in (run_root / "speedrun").glob("*") if p.is_dir()):
+        marks = sorted(((json.loads(f.read_text()), f.stem) for f in folder.glob("*.done")),
+                       key=lambda m: m[0].get("finished", 0))
+        if marks:
+            md += ["", "Speedrun, process wall time per stage (start-up and evaluation included):", "",
+                   "| preset | " + " | ".join(name for _, name in marks) + " | total |",
+                   "| --- |" * (len(marks) + 2),
+                   f"| {folder.name} | " + " | ".join(_duration(m.get("seconds")) for m, _ in marks)
+                   + f" | {_duration(sum(m.get('seconds', 0) for m, _ in marks))} |"]
+    return md
+
+
 def build_report(run_root, out, gpu_hour_cost: float = 3.0) -> str:
     """Write the report card to `out` (plots into a plots/ folder beside it); returns the markdown."""
     run_root, out = Path(run_root), Path(out)
@@ -187,6 +203,7 @@ def build_report(run_root, out, gpu_hour_cost: float = 3.0) -> str:
             md.append(f"| {stage} | {d.name} | {_num(s['steps'])} | {_num(s['tokens'])} | {_num(s['params'])} | "
                       f"{s['gpus']} | {_duration(s['wall_s'])} | ${cost:,.2f} |")
     md.append(f"| **total** | | | | | | {_duration(total_s)} | ${total_cost:,.2f} |")
+    md += speedrun_section(run_root)
 
     md += ["", "## Metrics", ""]
     rows = list(dict.fromkeys(k for s in summaries.values() for k in s["metrics"]))

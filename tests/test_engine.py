@@ -361,3 +361,23 @@ def test_generate_ending_on_a_stop_token_leaves_no_work(monkeypatch, tok):
     assert engine.generate([[tok.bos_id, 3]], SamplingParams(max_tokens=10))[0].token_ids == [50, 60, eos]
     assert not engine.has_unfinished()
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failing_step_aborts_what_is_in_flight_and_the_engine_goes_on(monkeypatch, model, prompts, naive, overlap):
+    engine = Engine(model, num_blocks=15, block_size=4, overlap=overlap)
+    decode, calls = engine.runner.decode, []
+
+    def flaky(*args, **kw):   # the third decode fails, as a CUDA error would, with work pending
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return decode(*args, **kw)
+    monkeypatch.setattr(engine.runner, "decode", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.generate(prompts, GREEDY)
+    assert engine.metrics()["aborted"] == len(prompts)
+    assert_all_blocks_free(engine)
+    results = engine.generate(prompts, GREEDY)   # and it serves again, exactly
+    assert [r.token_ids for r in results] == [naive[tuple(p)] for p in prompts]
+    assert_all_blocks_free(engine)

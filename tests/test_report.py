@@ -75,6 +75,16 @@ def test_stage_table_time_cost_and_missing_stages(run_root, tmp_path):
         assert table_row(md, f"| {key} |")[1]
 
 
+def test_speedrun_stage_times_from_the_markers(run_root, tmp_path):
+    marks = run_root / "speedrun" / "tiny"
+    marks.mkdir(parents=True)
+    for name, seconds, finished in (("base", 90.0, 2.0), ("tokenizer", 8.0, 1.0), ("eval_base", 30.4, 3.0)):
+        (marks / f"{name}.done").write_text(json.dumps({"seconds": seconds, "finished": finished}))
+    md = report.build_report(run_root, tmp_path / "report.md")
+    assert table_row(md, "| preset |") == ["preset", "tokenizer", "base", "eval_base", "total"]  # in run order
+    assert table_row(md, "| tiny |") == ["tiny", "0m08s", "1m30s", "0m30s", "2m08s"]
+
+
 def test_one_metrics_table_for_all_stages(run_root, tmp_path):
     md = report.build_report(run_root, tmp_path / "report.md")
     assert table_row(md, "| metric |") == ["metric", "base/d2", "sft/d2", "rl/d2"]
