@@ -19,6 +19,8 @@ def get_args(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together in one batch")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait beyond the running batch; more get 429 Too Many Requests")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="torch.compile the decode step (fuses its elementwise work; costs a compile at start-up)")
     p.add_argument("--model-name", default=None, help="the model id the API reports (default: <stage>-<run>)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM / Ctrl-C, seconds to let in-flight requests finish before cancelling them")
@@ -35,7 +37,8 @@ def create_app(args):
     from fastchat_core.serve.app import build_app
 
     engine, _, ckpt = load_engine(args, max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=max(8192, args.max_num_seqs))
+                                  max_num_batched_tokens=max(8192, args.max_num_seqs),
+                                  compile_decode=args.compile_decode)
     name = args.model_name or f"{ckpt.parent.parent.name}-{ckpt.parent.name}"   # e.g. sft-d20
     return build_app(AsyncEngine(engine, max_waiting=args.max_queue), model_name=name, api_key=args.api_key)
 
