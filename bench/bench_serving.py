@@ -55,6 +55,30 @@ def build_model(depth, n_kv_head, seed=0):
     return model.to(torch.bfloat16).eval(), cfg
 
 
+def drive(engine, prompts, params):
+    """engine.generate, step by step, timing each step by what the scheduler held when it began: steps
+    with requests still waiting (the ramp, prefill mixed in), then decode-only steps by running count.
+    Says where the time goes against the roofline (which has every request decoding from the start)."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    results, phases = {}, {}
+    t = time.perf_counter()
+    while len(results) < len(ids):
+        waiting, running = len(engine.scheduler.waiting), len(engine.scheduler.running)
+        deltas = engine.step()
+        now = time.perf_counter()
+        name = "ramp" if waiting else "running>=128" if running >= 128 else "running 32-127" if running >= 32 \
+            else "running<32"
+        ph = phases.setdefault(name, {"steps": 0, "seconds": 0.0, "tokens": 0})
+        ph["steps"] += 1
+        ph["seconds"] += now - t
+        ph["tokens"] += sum(len(d.new_token_ids) for d in deltas)
+        t = now
+        for d in deltas:
+            if d.finished:
+                results[d.request_id] = d.result
+    return [results[i] for i in ids], phases
+
+
 def run_engine(model, reqs, **kw):
     """One engine.generate over the workload after a warm-up; works on CPU too (smoke tests)."""
     from fastchat_core.engine import Engine
@@ -66,13 +90,13 @@ def run_engine(model, reqs, **kw):
     params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
     sync()
     t0 = time.perf_counter()
-    results = engine.generate([p for p, _ in reqs], params)
+    results, phases = drive(engine, [p for p, _ in reqs], params)
     sync()
     dt = time.perf_counter() - t0
     n_out = sum(len(r.token_ids) for r in results)
     assert n_out == sum(o for _, o in reqs), "engine produced a different number of tokens than requested"
     stats = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt, "output_tok_per_s": n_out / dt,
-             "kv_blocks_free_after": engine.block_manager.num_free_blocks}
+             "kv_blocks_free_after": engine.block_manager.num_free_blocks, "phases": phases}
     del engine
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

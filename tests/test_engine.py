@@ -381,3 +381,14 @@ def test_a_failing_step_aborts_what_is_in_flight_and_the_engine_goes_on(monkeypa
     results = engine.generate(prompts, GREEDY)   # and it serves again, exactly
     assert [r.token_ids for r in results] == [naive[tuple(p)] for p in prompts]
     assert_all_blocks_free(engine)
+
+
+def test_serving_bench_drive_matches_generate_and_accounts_every_token(model, prompts, naive):
+    """bench_serving times the engine step by step; that loop must give generate()'s results."""
+    from fastchat_core.bench.bench_serving import drive
+    engine = Engine(model, num_blocks=15, block_size=4, max_num_seqs=3)
+    results, phases = drive(engine, prompts, [GREEDY] * len(prompts))
+    assert [r.token_ids for r in results] == [naive[tuple(p)] for p in prompts]
+    assert sum(p["tokens"] for p in phases.values()) == sum(len(r.token_ids) for r in results)
+    assert "ramp" in phases and all(p["steps"] > 0 and p["seconds"] > 0 for p in phases.values())
+    assert_all_blocks_free(engine)
