@@ -15,6 +15,7 @@ started together, the sum over steps of those bytes at this card's copy bandwidt
 matmul rate, both measured in the same run (bench/ceilings.py).
 """
 import argparse
+import gc
 import json
 import random
 import time
@@ -96,11 +97,19 @@ def run_engine(model, reqs, **kw):
     n_out = sum(len(r.token_ids) for r in results)
     assert n_out == sum(o for _, o in reqs), "engine produced a different number of tokens than requested"
     stats = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt, "output_tok_per_s": n_out / dt,
+             "kv_blocks_total": engine.block_manager.num_blocks,
              "kv_blocks_free_after": engine.block_manager.num_free_blocks, "phases": phases}
     del engine
+    release_gpu_memory()
+    return stats, results
+
+
+def release_gpu_memory():
+    """After `del engine`: the next Engine sizes its KV cache from the free memory, so the last one's
+    (kept by reference cycles until a collection, then by PyTorch's cache) must really be gone."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return stats, results
 
 
 def profile_engine(model, reqs, path, start=200, steps=40):
@@ -140,6 +149,7 @@ def profile_engine(model, reqs, path, start=200, steps=40):
                           + events.table(sort_by="self_device_time_total", row_limit=30)
                           + "\n\nPython, sorted by own time:\n" + host.getvalue())
     del engine
+    release_gpu_memory()
     return {"steps": [start, start + steps], "running": running, "wall_ms_per_step": 1e3 * wall / steps,
             "gpu_kernel_ms_per_step": gpu_ms / steps, "file": Path(path).name}
 

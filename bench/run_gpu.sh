@@ -58,7 +58,7 @@ for phase in ${1//,/ }; do
       # (PIPELINE_TIMEOUT stops it in time to still write a report of the stages that finished)
       FASTCHAT_HOME="$PWD/.home" timeout "${PIPELINE_TIMEOUT:-540}" python3 -m fastchat_core.cli speedrun --preset d12-1gpu \
         2>&1 | tee -a "$OUT/pipeline.log" | grep -E "^\[speedrun\]|summary|CORE|ChatCORE|val bpb|reward|Error|error" | tail -40
-      [ -f "$PWD/.home/report/report.md" ] || FASTCHAT_HOME="$PWD/.home" python3 -m fastchat_core.report 2>&1 | tail -5
+      [ -f "$PWD/.home/speedrun/d12-1gpu/report.done" ] || FASTCHAT_HOME="$PWD/.home" python3 -m fastchat_core.report 2>&1 | tail -5
       cp -r "$PWD/.home/report" "$OUT/" 2>/dev/null ;;
     *)
       echo "unknown phase: $phase"; exit 2 ;;

@@ -161,7 +161,7 @@ def speedrun_section(run_root: Path) -> list:
         if marks:
             md += ["", "Speedrun, process wall time per stage (start-up and evaluation included):", "",
                    "| preset | " + " | ".join(name for _, name in marks) + " | total |",
-                   "| --- |" * (len(marks) + 2),
+                   "|" + " --- |" * (len(marks) + 2),
                    f"| {folder.name} | " + " | ".join(_duration(m.get("seconds")) for m, _ in marks)
                    + f" | {_duration(sum(m.get('seconds', 0) for m, _ in marks))} |"]
     return md

@@ -83,6 +83,8 @@ def test_speedrun_stage_times_from_the_markers(run_root, tmp_path):
     md = report.build_report(run_root, tmp_path / "report.md")
     assert table_row(md, "| preset |") == ["preset", "tokenizer", "base", "eval_base", "total"]  # in run order
     assert table_row(md, "| tiny |") == ["tiny", "0m08s", "1m30s", "0m30s", "2m08s"]
+    lines = md.splitlines()
+    assert lines[lines.index(next(x for x in lines if x.startswith("| preset |"))) + 1] == "|" + " --- |" * 5
 
 
 def test_one_metrics_table_for_all_stages(run_root, tmp_path):
