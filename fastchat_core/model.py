@@ -146,10 +146,10 @@ class GPT(nn.Module):
                                          -1, reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 
-    def forward_paged(self, ids, positions, batch: PagedBatch, kv_caches, logits_at=None):
+    def forward_paged(self, ids, positions, batch: PagedBatch, kv_caches, logits_at=None, out=None):
         """The engine's forward over a packed batch of new tokens (N,) with the paged KV cache
         (one (k_cache, v_cache) pair per layer). Returns softcapped float32 logits at the rows
-        `logits_at` (e.g. each sequence's last token), or at every row."""
+        `logits_at` (e.g. each sequence's last token), or at every row; written into `out` when given."""
         x = rms_norm(self.wte(ids), self.config.norm_eps)
         for block, kv in zip(self.blocks, kv_caches):
             x = block.forward_paged(x, positions, self.cos, self.sin, batch, kv)
@@ -157,7 +157,9 @@ class GPT(nn.Module):
             x = x[logits_at]
         logits = self.lm_head(rms_norm(x, self.config.norm_eps)).float()
         cap = self.config.softcap
-        return cap * torch.tanh(logits / cap) if cap else logits
+        if cap:
+            return torch.mul(torch.tanh(logits / cap), cap, out=out)
+        return logits if out is None else out.copy_(logits)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

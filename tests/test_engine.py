@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import scripted_sampler, tiny_gpt
-from fastchat_core.engine import AsyncEngine, Engine, QueueFull
+from fastchat_core.engine import AsyncEngine, Engine, QueueFull, graph_batch_sizes
 from fastchat_core.sampler import SamplingParams, sample
 from fastchat_core.tokenizer import Tokenizer
 
@@ -392,3 +392,29 @@ def test_serving_bench_drive_matches_generate_and_accounts_every_token(model, pr
     assert sum(p["tokens"] for p in phases.values()) == sum(len(r.token_ids) for r in results)
     assert "ramp" in phases and all(p["steps"] > 0 and p["seconds"] > 0 for p in phases.values())
     assert_all_blocks_free(engine)
+
+
+def test_graph_buckets_keep_padding_small():
+    assert graph_batch_sizes(8) == [1, 2, 4, 8]
+    for m, step in ((256, 16), (1000, 64)):
+        sizes = graph_batch_sizes(m)
+        assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == m and sizes == sorted(set(sizes))
+        assert max(b - a for a, b in zip(sizes, sizes[1:])) <= step
+
+
+def test_forward_paged_writes_logits_into_out(model):
+    """The CUDA graphs share one logits buffer through `out`."""
+    from fastchat_core.attention import PagedBatch
+    cfg = model.config
+    caches = [(torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim), torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim))
+              for _ in range(cfg.n_layer)]
+    ids, pos = torch.tensor([5, 9]), torch.tensor([0, 0])
+    batch = lambda: PagedBatch(False, torch.tensor([0, 4]), torch.tensor([[0], [1]], dtype=torch.int32),  # noqa: E731
+                               torch.tensor([1, 1], dtype=torch.int32))
+    with torch.inference_mode():
+        expected = model.forward_paged(ids, pos, batch(), caches)
+        out = torch.full((3, cfg.vocab_size), float("nan"))
+        got = model.forward_paged(ids, pos, batch(), caches, out=out[:2])
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out[:2], expected)
+    assert out[2].isnan().all()
