@@ -18,8 +18,8 @@ except ImportError:
 _SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Without gradients (evaluation, prefill) cuDNN goes last: it builds an execution plan for every new
-# sequence length, and there almost every call has a new one (CORE ran at ~10 items/s on an H200 with it
-# first). Training has one shape, so it pays that once.
+# shape, and there almost every call has a new sequence length. Training has one shape, so it pays once.
+# (Not measured apart yet: the d12 H200 run's CORE speed, ~90 ms an item, did not change with this.)
 _SDPA_ORDER_NO_GRAD = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                        SDPBackend.MATH]
 
