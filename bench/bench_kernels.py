@@ -130,7 +130,7 @@ def rope_unfused(q, k, cos, sin, eps=1e-6):
 
 
 @pytest.mark.parametrize("shape", ["d12", "d20"])
-@pytest.mark.parametrize("impl", ["eager", "compile", "liger", "ours", "ours_kernels"])
+@pytest.mark.parametrize("impl", ["eager", "compile", "liger", "ours", "ours_compiled", "ours_kernels"])
 def test_rope_qknorm(benchmark, shape, impl):
     from fastchat_core.model import rotary_tables
     from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_reference, rope_qknorm_triton
@@ -157,6 +157,8 @@ def test_rope_qknorm(benchmark, shape, impl):
             kn = F.rms_norm(k, (D,), eps=1e-6).transpose(1, 2)
             qo, ko = LigerRopeFunction.apply(qn, kn, cos_full, sin_full)
             return qo.transpose(1, 2), ko.transpose(1, 2)
+    elif impl == "ours_compiled":   # the custom op inside a compiled graph, as the compiled model calls it
+        f = torch.compile(rope_qknorm_triton)
     else:
         f = rope_qknorm_triton
     rq, rk = rope_qknorm_reference(q.detach().float(), k.detach().float(), cos, sin)
