@@ -118,7 +118,9 @@ class ModelRunner:
             ops.copy_blocks(k_cache, v_cache, mapping)
 
     def decode(self, seqs, fill=None) -> torch.Tensor:
-        """Logits (B, V) for the newest token of each sequence, whose slot is already reserved.
+        """Logits (B, V) for the newest token of each sequence, whose slot is already reserved. Under CUDA
+        graphs they are a view of the one buffer every graph writes: use them (queue work on them) before
+        the next decode, never keep them.
         fill = (rows, tokens, src): those rows' newest token is still PENDING on the host; it is tokens[src],
         a device tensor from the previous step's sampling."""
         ids = [s.token_ids[-1] for s in seqs]

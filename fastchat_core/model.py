@@ -155,11 +155,11 @@ class GPT(nn.Module):
             x = block.forward_paged(x, positions, self.cos, self.sin, batch, kv)
         if logits_at is not None:
             x = x[logits_at]
-        logits = self.lm_head(rms_norm(x, self.config.norm_eps)).float()
+        logits = self.lm_head(rms_norm(x, self.config.norm_eps))
+        out = logits.float() if out is None else out.copy_(logits)
         cap = self.config.softcap
-        if cap:
-            return torch.mul(torch.tanh(logits / cap), cap, out=out)
-        return logits if out is None else out.copy_(logits)
+        # in place: a CUDA graph would keep each (N, V) float32 temporary in its memory pool
+        return out.div_(cap).tanh_().mul_(cap) if cap else out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -342,9 +342,9 @@ def test_cuda_graph_decode_matches_eager_and_naive(dtype, compile_decode):
     model = mqa_gpt(head_dim=64).cuda()   # the CUDA decode kernel takes head_dim 64 and 128
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (1, 7, 40, 19, 3)]   # 5: a padded bucket
-    graphed = Engine(model.to(dtype), num_blocks=20, block_size=4, max_num_seqs=8, compile_decode=compile_decode)
-    assert sorted(graphed.runner.graphs) == [1, 2, 4, 8]
-    eager = Engine(model, num_blocks=20, block_size=4, max_num_seqs=8, use_cuda_graphs=False)
+    graphed = Engine(model.to(dtype), num_blocks=20, block_size=4, max_num_seqs=40, compile_decode=compile_decode)
+    assert sorted(graphed.runner.graphs) == [1, 2, 4, 8, 16, 32, 40]
+    eager = Engine(model, num_blocks=20, block_size=4, max_num_seqs=40, use_cuda_graphs=False)
     a, b = graphed.generate(prompts, GREEDY), eager.generate(prompts, GREEDY)
     if dtype == torch.float32:   # bf16 rounding may flip near-ties against the fp32 oracle
         assert [r.token_ids for r in a] == [list(model.generate(p, GREEDY.max_tokens)) for p in prompts]
@@ -402,10 +402,14 @@ def test_graph_buckets_keep_padding_small():
         assert max(b - a for a, b in zip(sizes, sizes[1:])) <= step
 
 
-def test_forward_paged_writes_logits_into_out(model):
-    """The CUDA graphs share one logits buffer through `out`."""
+@pytest.mark.parametrize("softcap", [15.0, 0.0])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_forward_paged_writes_logits_into_out(model, softcap, compiled, monkeypatch):
+    """The CUDA graphs share one logits buffer through `out` (compiled too, as compile_decode captures it)."""
     from fastchat_core.attention import PagedBatch
     cfg = model.config
+    monkeypatch.setattr(cfg, "softcap", softcap)
+    forward = torch.compile(model.forward_paged, dynamic=True, fullgraph=True) if compiled else model.forward_paged
     caches = [(torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim), torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim))
               for _ in range(cfg.n_layer)]
     ids, pos = torch.tensor([5, 9]), torch.tensor([0, 0])
@@ -414,7 +418,7 @@ def test_forward_paged_writes_logits_into_out(model):
     with torch.inference_mode():
         expected = model.forward_paged(ids, pos, batch(), caches)
         out = torch.full((3, cfg.vocab_size), float("nan"))
-        got = model.forward_paged(ids, pos, batch(), caches, out=out[:2])
+        got = forward(ids, pos, batch(), caches, out=out[:2])
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out[:2], expected)
     assert out[2].isnan().all()
