@@ -80,19 +80,19 @@ def paged_attention_step(q, k, v, k_cache, v_cache, batch: PagedBatch):
     block_size = k_cache.size(1)
     masks = batch.prefill_masks(q.device)
     start = 0
-    for i, (n_new, n_ctx) in enumerate(zip(batch.query_lens, batch.context_lens_host)):
-        qi = q[start:start + n_new].transpose(0, 1)  # (Hq, n_new, D)
-        if n_ctx == n_new:  # nothing cached: the new K/V are the whole context
-            ki, vi = k[start:start + n_new], v[start:start + n_new]
-        else:
-            blocks = batch.block_tables[i, :-(-n_ctx // block_size)].long()
-            ki = k_cache[blocks].flatten(0, 1)[:n_ctx]
-            vi = v_cache[blocks].flatten(0, 1)[:n_ctx]
-        ki, vi = ki.transpose(0, 1), vi.transpose(0, 1)
-        mask = masks[i]
-        with sdpa_kernel(_SDPA_ORDER_NO_GRAD, set_priority=True):
+    with sdpa_kernel(_SDPA_ORDER_NO_GRAD, set_priority=True):   # once for all the sequences
+        for i, (n_new, n_ctx) in enumerate(zip(batch.query_lens, batch.context_lens_host)):
+            qi = q[start:start + n_new].transpose(0, 1)  # (Hq, n_new, D)
+            if n_ctx == n_new:  # nothing cached: the new K/V are the whole context
+                ki, vi = k[start:start + n_new], v[start:start + n_new]
+            else:
+                blocks = batch.block_tables[i, :-(-n_ctx // block_size)].long()
+                ki = k_cache[blocks].flatten(0, 1)[:n_ctx]
+                vi = v_cache[blocks].flatten(0, 1)[:n_ctx]
+            ki, vi = ki.transpose(0, 1), vi.transpose(0, 1)
+            mask = masks[i]
             y = F.scaled_dot_product_attention(qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
                                                is_causal=mask is None, enable_gqa=ki.size(0) != qi.size(0))
-        out[start:start + n_new] = y[0].transpose(0, 1)
-        start += n_new
+            out[start:start + n_new] = y[0].transpose(0, 1)
+            start += n_new
     return out

@@ -78,9 +78,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], indices: list[int
         x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(-1)
     noise = torch.empty_like(probs).exponential_(generator=default_gen)
-    gen = torch.Generator(device=dev)
-    for j, i in enumerate(rows):
-        if params[i].seed is not None:   # reseeding is a host op: no sync, and the launch keeps its seed
-            noise[j].exponential_(generator=gen.manual_seed(_token_seed(params[i].seed, indices[i])))
+    seeded = [(j, i) for j, i in enumerate(rows) if params[i].seed is not None]
+    gen = torch.Generator(device=dev) if seeded else None
+    for j, i in seeded:   # reseeding is a host op: no sync, and the launch keeps its seed
+        noise[j].exponential_(generator=gen.manual_seed(_token_seed(params[i].seed, indices[i])))
     tokens[sel] = (probs / noise).argmax(-1)
     return tokens

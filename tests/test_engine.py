@@ -59,8 +59,12 @@ def assert_all_blocks_free(engine):
     dict(num_blocks=15, block_size=4, compile_decode=True),   # torch.compile'd decode (inductor on the CPU)
 ], ids=["plain", "chunked", "preempt", "chunked+preempt", "sync", "compiled"])
 def test_greedy_matches_naive(model, prompts, naive, kwargs):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()   # a compile cached by another test would hide whether this engine compiles
+    counters.clear()
     engine = Engine(model, **kwargs)
     results = engine.generate(prompts, GREEDY)
+    assert bool(counters["stats"]["unique_graphs"]) == kwargs.get("compile_decode", False)
     for prompt, r in zip(prompts, results):
         assert r.token_ids == naive[tuple(prompt)]
         assert (r.finish_reason, r.num_prompt_tokens) == ("length", len(prompt))

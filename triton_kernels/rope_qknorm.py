@@ -255,12 +255,15 @@ def rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, dq, dk):
 # ----------------------------------------------------------------------------------------------------
 # Custom ops, so torch.compile treats the kernels as opaque calls (no graph breaks), with autograd.
 
+def _fresh(q, k):
+    """Outputs shaped like q and k, contiguous whatever the inputs' strides."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+
+
 @torch.library.custom_op("fastchat_triton::rope_qknorm", mutates_args=())
 def _rope_qknorm_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     positions: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    return rope_qknorm_fwd(q, k, cos, sin, positions, eps, q_out, k_out)
+    return rope_qknorm_fwd(q, k, cos, sin, positions, eps, *_fresh(q, k))
 
 
 @_rope_qknorm_op.register_fake
@@ -273,9 +276,7 @@ def _(q, k, cos, sin, positions, eps):
 def _rope_qknorm_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    return rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, dq, dk)
+    return rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, *_fresh(q, k))
 
 
 @_rope_qknorm_backward_op.register_fake
@@ -299,23 +300,19 @@ _rope_qknorm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _RopeQKNormEager(torch.autograd.Function):
-    """The same two launches as the custom ops, for eager callers. The custom ops' Python dispatch
-    (schema checks, fake-tensor plumbing, a second op for backward) costs ~100-250 us of CPU per
-    fwd+bwd, about as long as the kernels themselves run at d20, so the GPU would wait on it."""
+    """The same two launches as the custom ops, for eager callers, without the ops' Python dispatch
+    (schema checks, fake-tensor plumbing, a second op for backward): at d20 the kernels run ~0.2 ms, so
+    CPU time per call decides whether the GPU waits."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, positions, eps):
-        ctx.save_for_backward(q, k, cos, sin, positions)
-        ctx.eps = eps
-        return rope_qknorm_fwd(q, k, cos, sin, positions, eps, torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                               torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        _setup_context(ctx, (q, k, cos, sin, positions, eps), None)
+        return rope_qknorm_fwd(q, k, cos, sin, positions, eps, *_fresh(q, k))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         q, k, cos, sin, positions = ctx.saved_tensors
-        dq, dk = rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, ctx.eps,
-                                 torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                                 torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        dq, dk = rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, ctx.eps, *_fresh(q, k))
         return dq, dk, None, None, None, None
 
 
