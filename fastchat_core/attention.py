@@ -4,6 +4,7 @@ On Hopper the cuDNN SDPA backend is the fastest attention we have (PERF.md: 541 
 flash backend), so it goes first in SDPA's priority list; flash-attn is used when a user has it installed.
 Inputs are token-major (B, T, H, D) as the model produces them.
 """
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,10 @@ class PagedBatch:
     context_lens: torch.Tensor        # (B,) int32: tokens in the cache after this step
     query_lens: list = field(default_factory=list)     # host ints, prefill only
     context_lens_host: list = field(default_factory=list)
-    masks: list | None = None   # prefill causal masks, built by the first layer and shared by the rest
+    # built by the first layer and shared by the rest: per-sequence causal masks (reference path) or the
+    # varlen index tensors (kernel path)
+    masks: list | None = None
+    varlen: tuple | None = None
 
     def prefill_masks(self, device):
         """Query j of a sequence (absolute position n_ctx - n_new + j) sees keys 0 .. n_ctx - n_new + j;
@@ -62,20 +66,59 @@ class PagedBatch:
                           for n_new, n_ctx in zip(self.query_lens, self.context_lens_host)]
         return self.masks
 
+    def prefill_varlen(self, block_size):
+        """(cu_seqlens_q, cu_seqlens_k, max_q, max_k, key_slots) for one varlen attention call over the packed
+        batch. key_slots (total context, int64) are the cache slots of every sequence's context in order; None
+        when nothing is cached, so that the new K/V are the whole context. Built on the device: no sync."""
+        if self.varlen is None:
+            device = self.block_tables.device
+            cu_q = torch.tensor([0, *itertools.accumulate(self.query_lens)], dtype=torch.int32)
+            cu_k = torch.tensor([0, *itertools.accumulate(self.context_lens_host)], dtype=torch.int32)
+            slots = None
+            if self.query_lens != self.context_lens_host:
+                cu_k_dev = cu_k.to(device, non_blocking=True)
+                total = int(cu_k[-1])
+                seq = torch.repeat_interleave(torch.arange(len(self.query_lens), device=device),
+                                              self.context_lens.long(), output_size=total)
+                pos = torch.arange(total, device=device) - cu_k_dev[seq]
+                slots = self.block_tables[seq, pos // block_size].long() * block_size + pos % block_size
+            self.varlen = (cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True),
+                           max(self.query_lens), max(self.context_lens_host), slots)
+        return self.varlen
+
+
+def _varlen_kernel(q) -> bool:
+    """Flash-attention's varlen kernel (bundled with PyTorch) takes the whole packed prefill in one call."""
+    from fastchat_core import ops
+    return (ops.use_kernel(q) and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0
+            and q.size(-1) <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
 
 def paged_attention_step(q, k, v, k_cache, v_cache, batch: PagedBatch):
     """q (N, Hq, D), k/v (N, Hk, D) of the new tokens -> attention output (N, Hq, D).
 
     New K/V go into the paged cache first (reshape_and_cache). Decode then reads the whole context from
-    the cache with the paged decode kernel. Prefill gathers each sequence's blocks (cached prefix + new
-    tokens) and runs SDPA with the causal mask offset by the prefix length; prefill is compute-bound and
-    SDPA (cuDNN on Hopper) is what we have that is fast there.
+    the cache with the paged decode kernel. Prefill on CUDA is one call of flash-attention's varlen kernel
+    over every sequence (causal masks aligned bottom-right, so the new tokens of a sequence with a cached
+    prefix see that prefix, gathered from the cache); elsewhere (and as its reference) SDPA per sequence.
     """
     from fastchat_core import ops
     ops.reshape_and_cache(k, v, k_cache, v_cache, batch.slot_mapping)
     scale = q.size(-1) ** -0.5
     if not batch.is_prefill:
         return ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    if _varlen_kernel(q):
+        cu_q, cu_k, max_q, max_k, slots = batch.prefill_varlen(k_cache.size(1))
+        if slots is not None:
+            k, v = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                       scale=scale)[0]
+    return _prefill_per_sequence(q, k, v, k_cache, v_cache, batch)
+
+
+def _prefill_per_sequence(q, k, v, k_cache, v_cache, batch: PagedBatch):
+    """The reference prefill: SDPA over each sequence's gathered context, with the causal mask offset by the
+    length of its cached prefix."""
     out = torch.empty_like(q)
     block_size = k_cache.size(1)
     masks = batch.prefill_masks(q.device)

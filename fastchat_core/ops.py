@@ -22,13 +22,14 @@ def use_reference(flag: bool = True):
     _force_reference = flag
 
 
-def _kernel(t: torch.Tensor) -> bool:
+def use_kernel(t: torch.Tensor) -> bool:
+    """Whether an op on `t` runs its fused kernel (CUDA, reference not forced)."""
     return t.is_cuda and not _force_reference
 
 
 def rope_qknorm(q, k, cos, sin, positions=None, eps=1e-6):
     """RMSNorm (no weight) then rotary on q (..., T, Hq, D) and k (..., T, Hk, D); returns (q, k)."""
-    if _kernel(q):
+    if use_kernel(q):
         from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_triton
         return rope_qknorm_triton(q, k, cos, sin, positions, eps)
     return rope_qknorm_reference(q, k, cos, sin, positions, eps)
@@ -36,7 +37,7 @@ def rope_qknorm(q, k, cos, sin, positions=None, eps=1e-6):
 
 def softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
     """LM head + softcap + cross-entropy without materializing the logits; fp32 loss."""
-    if _kernel(x):
+    if use_kernel(x):
         from fastchat_core.triton_kernels.softcap_ce import softcap_ce_triton
         return softcap_ce_triton(x, weight, targets, softcap, ignore_index, reduction)
     return softcap_ce_reference(x, weight, targets, softcap, ignore_index, reduction)
@@ -44,7 +45,7 @@ def softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, red
 
 def newton_schulz(G, steps=5):
     """Orthogonalize a stack (..., m, n) of same-shape matrices (Polar Express iteration), bf16 out."""
-    if _kernel(G):
+    if use_kernel(G):
         from fastchat_core.triton_kernels.muon_ns import newton_schulz_triton
         return newton_schulz_triton(G, steps)
     # bf16 is a GPU speed trick; CPUs without bf16 units emulate it slowly, so they iterate in fp32

@@ -257,6 +257,47 @@ def test_cuda_paged_attention_head_dim_64(block_size, batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 5, 60])
+def test_cuda_paged_attention_graph_wide_table(batch):
+    """The engine's graphs pass a block table as wide as the longest possible sequence (512 blocks) for short
+    contexts: split-KV must follow the real contexts (every partition, none past the end, both kernels)."""
+    lens = torch.randint(1, 1500, (batch,), generator=torch.Generator().manual_seed(8)).tolist()
+    key_cache, value_cache, tables, context_lens = make_paged(lens, 16, 10, 128, torch.bfloat16, "cuda")
+    wide = torch.full((batch, 512), -1, dtype=torch.int32, device="cuda")
+    wide[:, :tables.size(1)] = tables
+    query = make_query(batch, 10, 10, 128, torch.bfloat16, "cuda")
+    out = csrc_ops.paged_attention(query, key_cache, value_cache, wide, context_lens)
+    expected = csrc_ops.paged_attention_reference(query, key_cache, value_cache, tables, context_lens)
+    assert_close(out, expected, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_kv_heads", [10, 2])
+def test_cuda_prefill_varlen_matches_per_sequence(dtype, num_kv_heads):
+    """The packed prefill (one flash varlen call, cached prefixes gathered from the cache) equals SDPA per
+    sequence with offset causal masks: fresh prompts, prefix-cache hits, a chunk of one token, a long chunk."""
+    from fastchat_core import ops
+    from fastchat_core.attention import PagedBatch, paged_attention_step
+    ctx = [37, 300, 129, 1000, 5, 700]
+    new = [37, 100, 1, 1000, 3, 64]
+    key_cache, value_cache, tables, context_lens = make_paged(ctx, 16, num_kv_heads, 128, dtype, "cuda")
+    slots = torch.cat([(tables[i].long()[:, None] * 16 + torch.arange(16, device="cuda")).flatten()[c - n:c]
+                       for i, (c, n) in enumerate(zip(ctx, new))])
+    k, v = key_cache.flatten(0, 1)[slots], value_cache.flatten(0, 1)[slots]   # the new tokens' K/V, as cached
+    q = torch.randn(sum(new), 10, 128, generator=torch.Generator("cuda").manual_seed(9), device="cuda").to(dtype)
+
+    def run(reference):
+        batch = PagedBatch(True, slots, tables, context_lens, list(new), list(ctx))
+        ops.use_reference(reference)
+        try:
+            return paged_attention_step(q, k, v, key_cache, value_cache, batch)
+        finally:
+            ops.use_reference(False)
+    assert_close(run(False), run(True), dtype)
+
+
+@pytest.mark.gpu
 def test_cuda_paged_attention_in_cuda_graph():
     """Captured once, replayed after the batch's contents change in place, as the engine's decode graphs are."""
     key_cache, value_cache, tables, lens = make_paged([300, 2000, 40, 1], 16, 2, 128, torch.bfloat16, "cuda")
