@@ -45,12 +45,18 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v)
         return self.c_proj(y.reshape(B, T, -1))
 
-    def forward_paged(self, x, positions, cos, sin, batch: PagedBatch, kv_cache):
-        """x (N, dim): the engine's packed new tokens at `positions`; K/V live in the paged kv_cache."""
+    def forward_paged(self, x, positions, cos, sin, batch: PagedBatch, kv_cache, qkv_weight=None):
+        """x (N, dim): the engine's packed new tokens at `positions`; K/V live in the paged kv_cache.
+        qkv_weight: the c_q, c_k, c_v weights concatenated (the engine keeps a copy), for one GEMM, not three."""
         N, cfg = x.size(0), self.cfg
-        q = self.c_q(x).view(N, cfg.n_head, cfg.head_dim)
-        k = self.c_k(x).view(N, cfg.n_kv_head, cfg.head_dim)
-        v = self.c_v(x).view(N, cfg.n_kv_head, cfg.head_dim)
+        if qkv_weight is None:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        else:
+            kv_dim = cfg.n_kv_head * cfg.head_dim
+            q, k, v = F.linear(x, qkv_weight).split([cfg.n_head * cfg.head_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(N, cfg.n_head, cfg.head_dim)
+        k = k.view(N, cfg.n_kv_head, cfg.head_dim)
+        v = v.view(N, cfg.n_kv_head, cfg.head_dim)
         q, k = ops.rope_qknorm(q, k, cos, sin, positions, cfg.norm_eps)
         y = paged_attention_step(q, k, v, kv_cache[0], kv_cache[1], batch)
         return self.c_proj(y.reshape(N, -1))
@@ -77,8 +83,8 @@ class Block(nn.Module):
         x = x + self.attn(rms_norm(x, self.eps), cos, sin)
         return x + self.mlp(rms_norm(x, self.eps))
 
-    def forward_paged(self, x, positions, cos, sin, batch, kv_cache):
-        x = x + self.attn.forward_paged(rms_norm(x, self.eps), positions, cos, sin, batch, kv_cache)
+    def forward_paged(self, x, positions, cos, sin, batch, kv_cache, qkv_weight=None):
+        x = x + self.attn.forward_paged(rms_norm(x, self.eps), positions, cos, sin, batch, kv_cache, qkv_weight)
         return x + self.mlp(rms_norm(x, self.eps))
 
 
@@ -146,13 +152,15 @@ class GPT(nn.Module):
                                          -1, reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 
-    def forward_paged(self, ids, positions, batch: PagedBatch, kv_caches, logits_at=None, out=None):
+    def forward_paged(self, ids, positions, batch: PagedBatch, kv_caches, logits_at=None, out=None, qkv_weights=None):
         """The engine's forward over a packed batch of new tokens (N,) with the paged KV cache
         (one (k_cache, v_cache) pair per layer). Returns softcapped float32 logits at the rows
-        `logits_at` (e.g. each sequence's last token), or at every row; written into `out` when given."""
+        `logits_at` (e.g. each sequence's last token), or at every row; written into `out` when given.
+        qkv_weights: per layer, that layer's c_q, c_k, c_v weights concatenated (see Attention.forward_paged)."""
         x = rms_norm(self.wte(ids), self.config.norm_eps)
-        for block, kv in zip(self.blocks, kv_caches):
-            x = block.forward_paged(x, positions, self.cos, self.sin, batch, kv)
+        for i, (block, kv) in enumerate(zip(self.blocks, kv_caches)):
+            x = block.forward_paged(x, positions, self.cos, self.sin, batch, kv,
+                                    None if qkv_weights is None else qkv_weights[i])
         if logits_at is not None:
             x = x[logits_at]
         logits = self.lm_head(rms_norm(x, self.config.norm_eps))

@@ -73,6 +73,21 @@ def test_greedy_matches_naive(model, prompts, naive, kwargs):
     assert_all_blocks_free(engine)
 
 
+def test_weights_updated_in_place_reach_the_engine(prompts):
+    """As RL does: the optimizer updates the model the engine samples from, in place, between generations.
+    The engine's concatenated q/k/v copy must follow (outputs equal naive decoding of the updated model)."""
+    model = mqa_gpt()
+    engine = Engine(model, enable_prefix_caching=False)
+    engine.generate(prompts, GREEDY)
+    with torch.no_grad():
+        for block in model.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                lin.weight.mul_(-1.5)
+    expected = [list(model.generate(p, GREEDY.max_tokens)) for p in prompts]
+    assert [r.token_ids for r in engine.generate(prompts, GREEDY)] == expected
+    assert_all_blocks_free(engine)
+
+
 def test_prefix_cache_hits_keep_outputs_identical(model, naive):
     gen = torch.Generator().manual_seed(2)
     shared = torch.randint(0, 128, (24,), generator=gen).tolist()

@@ -11,7 +11,8 @@ default) the ratio is exactly 1 and this is REINFORCE with a group baseline; wit
 batch is reused and the clip bounds how far each extra update moves from the policy that sampled it.
 
 The engine reads the model's parameters in place (the optimizers update them in place, so captured CUDA
-graphs stay valid) and runs with prefix caching off: cached K/V would have been computed by older weights.
+graphs stay valid; its concatenated q/k/v copy is refreshed when they change) and runs with prefix caching
+off: cached K/V would have been computed by older weights.
 """
 import argparse
 import hashlib
