@@ -4,6 +4,8 @@
 # "prebuilt" instead of "setup" installs around a carried fastchat_core/_C*.so without compiling.
 # Narrower runs: TEST_ARGS (test files for "tests"), KERNELS_ARGS (e.g. "-k rope"), SERVING_ARGS, TRAIN_ARGS.
 # Every phase writes its full output under $OUT (JSON + logs); the tables print last.
+# Set FASTCHAT_COMMIT to the commit computed on the dev machine, literally in the command: the device copy's
+# .git is stale, so git there names an old commit.
 # Before the first call, on the dev machine (both folders listed in .git/info/exclude, sent with `carry`):
 #   .whl/  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
