@@ -1,8 +1,9 @@
-"""Training / prefill attention backend.
+"""Attention: training, and the engine's paged prefill and decode.
 
-On Hopper the cuDNN SDPA backend is the fastest attention we have (PERF.md: 541 TFLOP/s vs 294 for the
-flash backend), so it goes first in SDPA's priority list; flash-attn is used when a user has it installed.
-Inputs are token-major (B, T, H, D) as the model produces them.
+Training: on Hopper the cuDNN SDPA backend is the fastest attention we have (PERF.md: 541 TFLOP/s vs 294
+for the flash backend), so it goes first in SDPA's priority list; flash-attn is used when a user has it
+installed. Inputs are token-major (B, T, H, D) as the model produces them.
+Engine: prefill runs every sequence of a step in one flash varlen call on CUDA; decode is csrc/'s paged kernel.
 """
 import itertools
 from dataclasses import dataclass, field
