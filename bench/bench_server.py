@@ -350,7 +350,7 @@ def run_offline(args, ckpt: Path, tok: Tokenizer, reqs) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if args.device == "cuda" else torch.float32
     model, _ = load_model(ckpt, args.device, dtype)
     runs = []
-    for _ in range(args.offline_repeats):   # repeats: cuDNN plans for new prefill shapes are built on first sight
+    for _ in range(args.offline_repeats):   # repeats: one-time costs (allocator growth, autotuning) stay in the first
         stats, _ = run_engine(model, reqs, tokenizer=tok, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=max(8192, args.max_num_seqs))
         runs.append(stats)

@@ -13,9 +13,9 @@ TORCH_LIBRARY(fastchat, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
-  // Decode attention: one query token per sequence over its paged context. The CUDA kernel decides to split
-  // long contexts across thread blocks from the shapes alone (block_tables.size(1) * block_size bounds every
-  // context), so it never syncs with the device and can be captured in a CUDA graph.
+  // Decode attention: one query token per sequence over its paged context. The CUDA kernel decides how many
+  // thread blocks split each context from the shapes alone and reads the partition lengths off the real
+  // contexts on the device, so it never syncs with the device and can be captured in a CUDA graph.
   m.def(
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");

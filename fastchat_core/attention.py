@@ -3,8 +3,10 @@
 Training: on Hopper the cuDNN SDPA backend is the fastest attention we have (PERF.md: 541 TFLOP/s vs 294
 for the flash backend), so it goes first in SDPA's priority list; flash-attn is used when a user has it
 installed. Inputs are token-major (B, T, H, D) as the model produces them.
-Engine: prefill runs every sequence of a step in one flash varlen call on CUDA; decode is csrc/'s paged kernel.
+Engine: prefill runs every sequence of a step in one flash varlen call on CUDA in fp16/bf16 (elsewhere, and
+under FASTCHAT_REFERENCE=1, SDPA per sequence); decode is csrc/'s paged kernel.
 """
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -73,18 +75,18 @@ class PagedBatch:
         when nothing is cached, so that the new K/V are the whole context. Built on the device: no sync."""
         if self.varlen is None:
             device = self.block_tables.device
-            cu_q = torch.tensor([0, *itertools.accumulate(self.query_lens)], dtype=torch.int32)
-            cu_k = torch.tensor([0, *itertools.accumulate(self.context_lens_host)], dtype=torch.int32)
+            pin = device.type == "cuda"   # pinned: the copies to the GPU do not block the host
+            cu_q = torch.tensor([0, *itertools.accumulate(self.query_lens)], dtype=torch.int32, pin_memory=pin)
+            cu_k = torch.tensor([0, *itertools.accumulate(self.context_lens_host)], dtype=torch.int32, pin_memory=pin)
+            total = int(cu_k[-1])
+            cu_q, cu_k = cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True)
             slots = None
             if self.query_lens != self.context_lens_host:
-                cu_k_dev = cu_k.to(device, non_blocking=True)
-                total = int(cu_k[-1])
                 seq = torch.repeat_interleave(torch.arange(len(self.query_lens), device=device),
                                               self.context_lens.long(), output_size=total)
-                pos = torch.arange(total, device=device) - cu_k_dev[seq]
+                pos = torch.arange(total, device=device) - cu_k[seq]
                 slots = self.block_tables[seq, pos // block_size].long() * block_size + pos % block_size
-            self.varlen = (cu_q.to(device, non_blocking=True), cu_k.to(device, non_blocking=True),
-                           max(self.query_lens), max(self.context_lens_host), slots)
+            self.varlen = (cu_q, cu_k, max(self.query_lens), max(self.context_lens_host), slots)
         return self.varlen
 
 
@@ -92,7 +94,12 @@ def _varlen_kernel(q) -> bool:
     """Flash-attention's varlen kernel (bundled with PyTorch) takes the whole packed prefill in one call."""
     from fastchat_core import ops
     return (ops.use_kernel(q) and q.dtype in (torch.float16, torch.bfloat16) and q.size(-1) % 8 == 0
-            and q.size(-1) <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and q.size(-1) <= 256 and _has_flash(q.device))
+
+
+@functools.cache
+def _has_flash(device) -> bool:
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def paged_attention_step(q, k, v, k_cache, v_cache, batch: PagedBatch):

@@ -53,9 +53,10 @@ def paged_attention(query, key_cache, value_cache, block_tables, context_lens, s
     """Decode attention: query (B, num_heads, head_dim), one token per sequence, over context_lens[b] cached
     tokens (the current one included) found through block_tables. GQA/MQA when num_heads > num_kv_heads.
 
-    On CUDA, long contexts with few sequences are split across thread blocks (flash-decoding); the choice is
-    made from shapes alone, taking block_tables.size(1) * block_size as every context's bound, so trim
-    block_tables to the blocks the batch needs (CUDA graphs keep the width they were captured with).
+    On CUDA, long contexts with few sequences are split across thread blocks (flash-decoding): how many
+    blocks is decided from shapes alone, each sequence's partition length from its real context on the
+    device, so a block table wider than the batch needs (a CUDA graph's) costs nothing. A context longer than
+    its table row is an error on the CPU; on CUDA (which cannot check without a sync) it reads only the row.
     """
     _require_extension()
     if scale is None:

@@ -91,29 +91,34 @@ class ModelRunner:
         self.max_blocks = math.ceil(max_model_len / block_manager.block_size)
         # q, k and v in one GEMM: at decode batch sizes each of the three small GEMMs costs about what their
         # concatenation does (H200 profile at 232 sequences: 6.4 us each). The engine keeps the concatenated
-        # copy (d20: 197 MB) and refreshes it when the model's weights change in place (RL trains the model
-        # it samples from; loading a state dict); CUDA graphs read it where it is.
-        attns = [block.attn for block in model.blocks]
-        self._qkv_parts = [(a.c_q.weight, a.c_k.weight, a.c_v.weight) for a in attns]
+        # copy (d20: 197 MB in bf16, 393 MB in fp32) and refreshes it in place (CUDA graphs read it where it
+        # is) when the model's weights change: RL trains the model it samples from.
         with torch.no_grad():
-            self.qkv_weights = [torch.cat(parts) for parts in self._qkv_parts]
-        self._qkv_versions = self._weight_versions()
+            self.qkv_weights = [torch.cat(parts) for parts in self._qkv_parts()]
+        self._qkv_state = self._weights_state()
         self.graphs = {}   # batch size -> (graph, its output logits)
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
 
-    def _weight_versions(self):
-        # inference tensors keep no version counter (and cannot change outside inference mode)
-        return [0 if w.is_inference() else w._version for parts in self._qkv_parts for w in parts]
+    def _qkv_parts(self):
+        # read from the modules each time: a load_state_dict(assign=True) puts new Parameters there
+        return [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in self.model.blocks]
 
-    def refresh_weights(self):
-        """Copy the q, k, v weights into their concatenation again if any was changed in place since."""
-        versions = self._weight_versions()
-        if versions != self._qkv_versions:
+    def _weights_state(self):
+        """What tells that a q/k/v weight changed: which tensor, where its data is, its version counter
+        (bumped by in-place updates: optimizer steps, load_state_dict). Writes through `.data` bump no
+        counter; after those call refresh_weights(force=True). Inference tensors have no counter."""
+        return [(id(w), w.data_ptr(), None if w.is_inference() else w._version)
+                for parts in self._qkv_parts() for w in parts]
+
+    def refresh_weights(self, force=False):
+        """Copy the q, k, v weights into their concatenation again if any changed since the last copy."""
+        state = self._weights_state()
+        if force or state != self._qkv_state:
             with torch.no_grad():
-                for fused, parts in zip(self.qkv_weights, self._qkv_parts):
+                for fused, parts in zip(self.qkv_weights, self._qkv_parts()):
                     torch.cat(parts, out=fused)
-            self._qkv_versions = versions
+            self._qkv_state = state
 
     def _host(self, data, dtype):
         # pinned, so the copy to the GPU is asynchronous (the caching host allocator keeps it alive until done)
@@ -239,7 +244,10 @@ class Engine:
         self.device = p.device
         if num_blocks is None:
             if self.device.type == "cuda":
-                free = torch.cuda.mem_get_info(self.device)[0]
+                # the runner's concatenated q/k/v weights come out of the same free memory
+                qkv = sum(b.attn.c_q.weight.nbytes + b.attn.c_k.weight.nbytes + b.attn.c_v.weight.nbytes
+                          for b in model.blocks)
+                free = torch.cuda.mem_get_info(self.device)[0] - qkv
                 num_blocks = num_blocks_for_memory(free, kv_fraction, cfg.n_layer, cfg.n_kv_head, cfg.head_dim,
                                                    block_size, p.element_size())
             else:

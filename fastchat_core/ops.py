@@ -2,7 +2,8 @@
 
 On CUDA tensors each op runs our Triton kernel; elsewhere (CPU, or when Triton is missing) it runs the
 PyTorch reference that sits beside the kernel in triton_kernels/. FASTCHAT_REFERENCE=1 (or
-`use_reference(True)`) forces the reference everywhere, e.g. to compare kernels on/off in one run.
+`use_reference(True)`) forces the reference everywhere, e.g. to compare kernels on/off in one run; it also
+sends the engine's prefill attention to SDPA per sequence instead of the flash varlen kernel (attention.py).
 The paged-KV ops are C++/CUDA (csrc/) and dispatch by device inside PyTorch's dispatcher.
 """
 import os

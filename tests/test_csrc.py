@@ -272,28 +272,46 @@ def test_cuda_paged_attention_graph_wide_table(batch):
 
 
 @pytest.mark.gpu
+def test_cuda_paged_attention_context_longer_than_its_row():
+    """CUDA cannot check context_lens against the table without a sync: a longer context reads its whole row
+    and nothing past it (split-KV included: one sequence splits)."""
+    key_cache, value_cache, tables, context_lens = make_paged([1008], 16, 10, 128, torch.bfloat16, "cuda")
+    query = make_query(1, 10, 10, 128, torch.bfloat16, "cuda")
+    out = csrc_ops.paged_attention(query, key_cache, value_cache, tables, context_lens + 4000)
+    expected = csrc_ops.paged_attention_reference(query, key_cache, value_cache, tables, context_lens)
+    assert_close(out, expected, torch.bfloat16)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_kv_heads", [10, 2])
-def test_cuda_prefill_varlen_matches_per_sequence(dtype, num_kv_heads):
+@pytest.mark.parametrize("case", ["mixed", "fresh", "one_token"])
+def test_cuda_prefill_varlen_matches_per_sequence(dtype, num_kv_heads, case):
     """The packed prefill (one flash varlen call, cached prefixes gathered from the cache) equals SDPA per
-    sequence with offset causal masks: fresh prompts, prefix-cache hits, a chunk of one token, a long chunk."""
+    sequence with offset causal masks. mixed: fresh prompts, prefix-cache hits, a chunk of one token, a long
+    chunk; fresh: nothing cached (the new K/V are the context); one_token: every sequence adds one token."""
     from fastchat_core import ops
     from fastchat_core.attention import PagedBatch, paged_attention_step
     ctx = [37, 300, 129, 1000, 5, 700]
-    new = [37, 100, 1, 1000, 3, 64]
+    new = {"mixed": [37, 100, 1, 1000, 3, 64], "fresh": ctx, "one_token": [1] * len(ctx)}[case]
     key_cache, value_cache, tables, context_lens = make_paged(ctx, 16, num_kv_heads, 128, dtype, "cuda")
     slots = torch.cat([(tables[i].long()[:, None] * 16 + torch.arange(16, device="cuda")).flatten()[c - n:c]
                        for i, (c, n) in enumerate(zip(ctx, new))])
-    k, v = key_cache.flatten(0, 1)[slots], value_cache.flatten(0, 1)[slots]   # the new tokens' K/V, as cached
-    q = torch.randn(sum(new), 10, 128, generator=torch.Generator("cuda").manual_seed(9), device="cuda").to(dtype)
+    # The new tokens' K/V differ from what the cache holds at their slots (they must be written before the
+    # gather) and come as the engine's do: views into one fused q/k/v output, v not contiguous.
+    gen = torch.Generator("cuda").manual_seed(9)
+    qkv = torch.randn(sum(new), 10 + 2 * num_kv_heads, 128, generator=gen, device="cuda").to(dtype)
+    q, k, v = qkv.split([10, num_kv_heads, num_kv_heads], dim=1)
+    q, k = q.contiguous(), k.contiguous()   # as the rope kernel returns them
 
     def run(reference):
         batch = PagedBatch(True, slots, tables, context_lens, list(new), list(ctx))
+        saved = ops._force_reference
         ops.use_reference(reference)
         try:
             return paged_attention_step(q, k, v, key_cache, value_cache, batch)
         finally:
-            ops.use_reference(False)
+            ops.use_reference(saved)
     assert_close(run(False), run(True), dtype)
 
 

@@ -78,13 +78,21 @@ def test_weights_updated_in_place_reach_the_engine(prompts):
     The engine's concatenated q/k/v copy must follow (outputs equal naive decoding of the updated model)."""
     model = mqa_gpt()
     engine = Engine(model, enable_prefix_caching=False)
-    engine.generate(prompts, GREEDY)
-    with torch.no_grad():
-        for block in model.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                lin.weight.mul_(-1.5)
-    expected = [list(model.generate(p, GREEDY.max_tokens)) for p in prompts]
-    assert [r.token_ids for r in engine.generate(prompts, GREEDY)] == expected
+    fused = [w.data_ptr() for w in engine.runner.qkv_weights]
+    before = [r.token_ids for r in engine.generate(prompts, GREEDY)]
+    gen = torch.Generator().manual_seed(3)
+    for name in ("c_q", "c_k", "c_v"):   # each alone: a copy that skipped any one of them must fail
+        with torch.no_grad():
+            w = getattr(model.blocks[0].attn, name).weight
+            w.add_(torch.randn(w.shape, generator=gen))
+        expected = [list(model.generate(p, GREEDY.max_tokens)) for p in prompts]
+        assert expected != before, name   # the update matters to the output
+        assert [r.token_ids for r in engine.generate(prompts, GREEDY)] == expected, name
+        before = expected
+    # refreshed in place (CUDA graphs read these addresses) and equal to the model's weights
+    assert [w.data_ptr() for w in engine.runner.qkv_weights] == fused
+    for w, b in zip(engine.runner.qkv_weights, model.blocks):
+        assert torch.equal(w, torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]))
     assert_all_blocks_free(engine)
 
 
