@@ -14,6 +14,10 @@
 #          `fastchat tokenizer train --data .data/pretrain --vocab-size 65536 --out .data/tokenizer.json`,
 #          and the _C*.so a "setup" phase returned (copy it to fastchat_core/ and use "prebuilt" next time)
 set -uo pipefail
+if [ -z "${FASTCHAT_COMMIT:-}" ]; then
+  echo "set FASTCHAT_COMMIT to the commit, computed on the dev machine and written into the command:" \
+       "every result file records it, and git on the device names a stale one"; exit 2
+fi
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}" FASTCHAT_DATA="${FASTCHAT_DATA:-$PWD/.data}"
 mkdir -p "$OUT"
 
