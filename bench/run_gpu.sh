@@ -2,7 +2,8 @@
 # The GPU measurement campaign, in phases that each fit one device call, run in the order given:
 #   bash bench/run_gpu.sh setup,tests,kernels,train,decode,serving,server,pipeline
 # "prebuilt" instead of "setup" installs around a carried fastchat_core/_C*.so without compiling.
-# Narrower runs: TEST_ARGS (test files for "tests"), KERNELS_ARGS (e.g. "-k rope"), SERVING_ARGS, TRAIN_ARGS.
+# Narrower runs: TEST_ARGS (test files for "tests"), KERNELS_ARGS (e.g. "-k 'softcap or muon'"), SERVING_ARGS,
+# TRAIN_ARGS (e.g. "--depths= --curve=.data/pretrain,.data/tokenizer.json"); they are split as a shell would.
 # Every phase writes its full output under $OUT (JSON + logs); the tables print last.
 # Set FASTCHAT_COMMIT to the commit computed on the dev machine, literally in the command: the device copy's
 # .git is stale, so git there names an old commit.
@@ -43,19 +44,23 @@ for phase in ${1//,/ }; do
     prebuilt)
       FASTCHAT_NO_EXT=1 python3 -m pip install -q -e . --no-build-isolation --no-deps ;;
     tests)
-      python3 -m pytest -q -m gpu ${TEST_ARGS:-tests} -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+      eval "args=(${TEST_ARGS:-tests})"
+      python3 -m pytest -q -m gpu "${args[@]}" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     kernels)
-      KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider ${KERNELS_ARGS:-} \
+      eval "args=(${KERNELS_ARGS:-})"
+      KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider "${args[@]}" \
         --benchmark-json="$OUT/kernels_raw.json" -s 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     train)
-      python3 -m fastchat_core.bench.bench_train --out "$OUT/train_d20.json" --profile-dir "$OUT" ${TRAIN_ARGS:-} 2>&1 \
+      eval "args=(${TRAIN_ARGS:-})"
+      python3 -m fastchat_core.bench.bench_train --out "$OUT/train_d20.json" --profile-dir "$OUT" "${args[@]}" 2>&1 \
         | tee "$OUT/train.log" | tail -30 ;;
     decode)
       python3 -m fastchat_core.bench.bench_decode_attention --out "$OUT/decode_attention.json" 2>&1 \
         | tee "$OUT/decode.log" | tail -30 ;;
     serving)
+      eval "args=(${SERVING_ARGS:-})"
       python3 -m fastchat_core.bench.bench_serving --out "$OUT/serving.json" --profile "$OUT/serving_profile.txt" \
-        ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
+        "${args[@]}" 2>&1 | tee "$OUT/serving.log" | tail -30 ;;
     server)
       python3 -m fastchat_core.bench.bench_server --out "$OUT/server.json" 2>&1 | tee "$OUT/server.log" | tail -30 ;;
     pipeline)
