@@ -40,6 +40,12 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
 
 
+def qkv_parts(model) -> list[tuple]:
+    """Per layer, the (c_q, c_k, c_v) weights the engine concatenates for one GEMM. Read from the modules
+    each time: a load_state_dict(assign=True) puts new Parameters there."""
+    return [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in model.blocks]
+
+
 class Result(NamedTuple):
     token_ids: list[int]        # generated tokens (tool output included; a stop token is the last one)
     text: str                   # their text without a stop token, cut before a stop string ("" without tokenizer)
@@ -94,29 +100,25 @@ class ModelRunner:
         # copy (d20: 197 MB in bf16, 393 MB in fp32) and refreshes it in place (CUDA graphs read it where it
         # is) when the model's weights change: RL trains the model it samples from.
         with torch.no_grad():
-            self.qkv_weights = [torch.cat(parts) for parts in self._qkv_parts()]
+            self.qkv_weights = [torch.cat(parts) for parts in qkv_parts(model)]
         self._qkv_state = self._weights_state()
         self.graphs = {}   # batch size -> (graph, its output logits)
         if use_cuda_graphs and self.device.type == "cuda":
             self._capture_graphs(max_num_seqs)
-
-    def _qkv_parts(self):
-        # read from the modules each time: a load_state_dict(assign=True) puts new Parameters there
-        return [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in self.model.blocks]
 
     def _weights_state(self):
         """What tells that a q/k/v weight changed: which tensor, where its data is, its version counter
         (bumped by in-place updates: optimizer steps, load_state_dict). Writes through `.data` bump no
         counter; after those call refresh_weights(force=True). Inference tensors have no counter."""
         return [(id(w), w.data_ptr(), None if w.is_inference() else w._version)
-                for parts in self._qkv_parts() for w in parts]
+                for parts in qkv_parts(self.model) for w in parts]
 
     def refresh_weights(self, force=False):
         """Copy the q, k, v weights into their concatenation again if any changed since the last copy."""
         state = self._weights_state()
         if force or state != self._qkv_state:
             with torch.no_grad():
-                for fused, parts in zip(self.qkv_weights, self._qkv_parts()):
+                for fused, parts in zip(self.qkv_weights, qkv_parts(self.model)):
                     torch.cat(parts, out=fused)
             self._qkv_state = state
 
@@ -245,8 +247,7 @@ class Engine:
         if num_blocks is None:
             if self.device.type == "cuda":
                 # the runner's concatenated q/k/v weights come out of the same free memory
-                qkv = sum(b.attn.c_q.weight.nbytes + b.attn.c_k.weight.nbytes + b.attn.c_v.weight.nbytes
-                          for b in model.blocks)
+                qkv = sum(w.nbytes for parts in qkv_parts(model) for w in parts)
                 free = torch.cuda.mem_get_info(self.device)[0] - qkv
                 num_blocks = num_blocks_for_memory(free, kv_fraction, cfg.n_layer, cfg.n_kv_head, cfg.head_dim,
                                                    block_size, p.element_size())
