@@ -48,7 +48,7 @@ for phase in ${1//,/ }; do
       python3 -m pytest -q -m gpu "${args[@]}" -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     kernels)
       eval "args=(${KERNELS_ARGS:-})"
-      KERNELS_JSON="$OUT/kernels.json" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider "${args[@]}" \
+      KERNELS_JSON="$OUT/kernels.json" KERNELS_PROFILE="$OUT" python3 -m pytest -q bench/bench_kernels.py -p no:cacheprovider "${args[@]}" \
         --benchmark-json="$OUT/kernels_raw.json" -s 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     train)
       eval "args=(${TRAIN_ARGS:-})"

@@ -173,19 +173,21 @@ def test_clear_errors(impl):
 D20_H, D20_V = 1280, 65536
 
 
-def d20_inputs(n, seed=0):
+def d20_inputs(n, seed=0, logit_std=4.0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(n, D20_H, device="cuda", generator=g).bfloat16()
-    w = (torch.randn(D20_V, D20_H, device="cuda", generator=g) * 4 / D20_H ** 0.5).bfloat16()
+    w = (torch.randn(D20_V, D20_H, device="cuda", generator=g) * logit_std / D20_H ** 0.5).bfloat16()
     t = torch.randint(0, D20_V, (n,), device="cuda", generator=g)
     t[torch.rand(n, device="cuda", generator=g) < 0.1] = -1
     return x, w, t
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gpu_d20_matches_reference(reduction):
-    x, w, t = d20_inputs(4096)
+@pytest.mark.parametrize("reduction,logit_std", [("mean", 4.0), ("none", 4.0), ("mean", 40.0), ("none", 40.0)])
+def test_gpu_d20_matches_reference(reduction, logit_std):
+    """bf16 runs the hardware tanh; std 40 puts most logits deep in the cap's flat tails, where its
+    derivative 1 - tanh^2 is smallest and the approximation's error matters most."""
+    x, w, t = d20_inputs(4096, logit_std=logit_std)
     grad_out = torch.randn(x.shape[0], device="cuda") if reduction == "none" else torch.tensor(1.0, device="cuda")
     outs = []
     for fn in (softcap_ce_triton, softcap_ce_reference):

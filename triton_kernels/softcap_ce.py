@@ -150,18 +150,32 @@ def _configs():
     ]
 
 
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    """tanh(x) and its derivative 1 - tanh(x)^2, in fp32.
+
+    FAST: the hardware's tanh.approx.f32, one special-function op (relative error ~2^-11, below the
+    rounding of 16-bit logits); else through r = 1 / (exp(2x) + 1): tanh = 1 - 2r, 1 - tanh^2 = 4r(1 - r),
+    two ops, exact at both tails (exp -> inf gives r = 0, exp -> 0 gives r = 1)."""
+    if FAST:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return t, 1.0 - t * t
+    else:
+        r = 1.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)   # 2 * log2(e)
+        return 1.0 - 2.0 * r, 4.0 * r * (1.0 - r)
+
+
 # restore_value: the kernel overwrites the logits with their gradient, so autotuning must put them back
 # between trials.
-@triton.autotune(configs=_configs(), key=["V", "HAS_CAP", "WRITE_GRAD"], restore_value=["logits_ptr"])
+@triton.autotune(configs=_configs(), key=["V", "HAS_CAP", "WRITE_GRAD", "FAST"], restore_value=["logits_ptr"])
 @triton.jit
 def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, scale_stride,
                        softcap, ignore_index,
-                       HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    # The capped path is bound as much by the special-function unit (exp2, reciprocal) as by memory, so
-    # it uses the fewest of them: with r = 1 / (exp(2l/c) + 1),
-    #   z = c * tanh(l/c) = c - 2c*r,   exp(z - c) = exp2(-2c*log2(e) * r),   1 - tanh^2 = 4r(1 - r)
-    # three per element and pass, all exact at both tails (exp -> inf gives r = 0, exp -> 0 gives r = 1).
-    # (Moving one exp2 onto the FMA units as a polynomial measured slower on an H100.)
+                       HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
+    # The capped path is bound by the special-function unit (exp2, reciprocal, tanh: ~16 per clock per SM
+    # against 4.3 TB/s of logits at ~4 ops per byte), so it uses the fewest of them: per element and pass,
+    # tanh (one op with FAST, see _tanh) and one exp2; exp(z - c) needs no running max since z <= c.
     LOG2E: tl.constexpr = 1.4426950408889634
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -175,19 +189,19 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride
                 tl.store(row_ptr + start + cols, zeros, mask=start + cols < V)
     else:
         # Pass 1: logsumexp in fp32.
-        u_scale = 2.0 * LOG2E / softcap     # exp(2l/c) = exp2(l * u_scale)
-        z_scale = -2.0 * LOG2E * softcap    # exp(z - c) = exp2(r * z_scale)
+        inv_cap = 1.0 / softcap
+        cap_log2e = softcap * LOG2E
         if HAS_CAP:
-            # Capped logits are <= softcap, so softcap is a safe fixed shift: no running max to carry.
             acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
                 mask = start + cols < V
                 logits = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-                r = 1.0 / (tl.exp2(logits * u_scale) + 1.0)
-                acc += tl.where(mask, tl.exp2(r * z_scale), 0.0)
+                t, _ = _tanh(logits * inv_cap, FAST)
+                acc += tl.where(mask, tl.exp2((t - 1.0) * cap_log2e), 0.0)   # exp(z - c)
             lse = softcap + tl.log(tl.sum(acc, axis=0))
-            r_target = 1.0 / (tl.exp2(tl.load(row_ptr + target).to(tl.float32) * u_scale) + 1.0)
-            z_target = softcap - 2.0 * softcap * r_target
+            # the target's logit enters the loss directly, and its gradient is -1 times dt: always exact
+            t_target, dt_target = _tanh(tl.load(row_ptr + target).to(tl.float32) * inv_cap, False)
+            z_target = softcap * t_target
         else:
             # Online logsumexp: a running max m and the sum s of exp(z - m), rescaled when m grows.
             m = float("-inf")
@@ -204,18 +218,32 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride
         # Pass 2: the gradient, over the logits (each element is read before this program overwrites it).
         if WRITE_GRAD:
             scale = tl.load(scale_ptr + row * scale_stride)
+            shift = (softcap - lse) * LOG2E if HAS_CAP else -lse * LOG2E
             for start in range(0, V, BLOCK_V):
                 mask = start + cols < V
                 logits = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
                 if HAS_CAP:
-                    r = 1.0 / (tl.exp2(logits * u_scale) + 1.0)
-                    p = tl.exp2((softcap - lse) * LOG2E + r * z_scale)   # exp(z - lse)
+                    t, dt = _tanh(logits * inv_cap, FAST)
+                    p = tl.exp2((t - 1.0) * cap_log2e + shift)   # exp(z - c) * exp(c - lse)
                 else:
-                    p = tl.exp2((logits - lse) * LOG2E)
-                g = p - tl.where(start + cols == target, 1.0, 0.0)
+                    p = tl.exp2(logits * LOG2E + shift)
+                is_target = start + cols == target
+                g = p - tl.where(is_target, 1.0, 0.0)
                 if HAS_CAP:
-                    g = g * (4.0 * r * (1.0 - r))
+                    g = g * tl.where(is_target, dt_target, dt)
                 tl.store(row_ptr + start + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def loss_and_grad_(logits, targets, scale, losses, softcap, ignore_index, write_grad=True, fast_tanh=None):
+    """The Triton kernel on one chunk's (C, V) logits: losses (C,) fp32, and with write_grad the logits
+    are overwritten by scale * d(loss)/d(logits). scale: fp32, (1,) or (C,). fast_tanh (default: for
+    16-bit logits, where its error is below their own rounding; never in the interpreter): see _tanh."""
+    if fast_tanh is None:
+        fast_tanh = logits.element_size() == 2
+    fast_tanh = fast_tanh and not _INTERPRET
+    _softcap_ce_kernel[(logits.shape[0],)](
+        logits, targets, scale, losses, logits.shape[1], logits.stride(0), 0 if scale.numel() == 1 else 1,
+        float(softcap or 1.0), ignore_index, HAS_CAP=bool(softcap), WRITE_GRAD=write_grad, FAST=fast_tanh)
 
 
 def softcap_ce_into(x, weight, targets, scale, losses, grad_x=None, grad_weight=None,
@@ -243,10 +271,7 @@ def softcap_ce_into(x, weight, targets, scale, losses, grad_x=None, grad_weight=
             xc, logits = x[start:end], buffer[: end - start]
             torch.mm(xc, weight.t(), out=logits)
             row_scale = scale if scale.numel() == 1 else scale[start:end]
-            _softcap_ce_kernel[(end - start,)](
-                logits, targets[start:end], row_scale, losses[start:end], V, logits.stride(0),
-                0 if scale.numel() == 1 else 1, float(softcap or 1.0), ignore_index,
-                HAS_CAP=bool(softcap), WRITE_GRAD=write_grad)
+            loss_and_grad_(logits, targets[start:end], row_scale, losses[start:end], softcap, ignore_index, write_grad)
             if write_grad:
                 torch.mm(logits, weight, out=grad_x[start:end])
                 # beta=0 on the first chunk: grad_weight's old contents (torch.empty) are ignored, not added.
