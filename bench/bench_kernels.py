@@ -41,6 +41,16 @@ def host_ms(fn, calls=20):
     return (t1 - t0) / calls * 1e3
 
 
+def gpu_busy_ms(fn, calls=10):
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e3
+
+
 def peak_extra_gb(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -150,22 +160,6 @@ def test_softcap_ce(benchmark, shape, impl):
 
 
 # ---------------------------------------------------------------- rotary + QK RMSNorm
-def cuda_graph(step, warmup=3):
-    """Capture step() (autograd included, grads set to None inside) as one CUDA graph; returns its replay.
-    Warm-up on a side stream first, as capture requires (autotuning and compilation happen there)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
-
 def rope_unfused(q, k, cos, sin, eps=1e-6):
     def one(x):
         x = F.rms_norm(x.float(), (x.size(-1),), eps=eps)
@@ -177,8 +171,7 @@ def rope_unfused(q, k, cos, sin, eps=1e-6):
 
 
 @pytest.mark.parametrize("shape", ["d12", "d20"])
-@pytest.mark.parametrize("impl", ["eager", "compile", "compile_graphed", "liger", "ours", "ours_compiled",
-                                  "ours_graphed", "ours_kernels"])
+@pytest.mark.parametrize("impl", ["eager", "compile", "liger", "ours", "ours_compiled", "ours_kernels"])
 def test_rope_qknorm(benchmark, shape, impl):
     from fastchat_core.model import rotary_tables
     from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_reference, rope_qknorm_triton
@@ -207,8 +200,6 @@ def test_rope_qknorm(benchmark, shape, impl):
             return qo.transpose(1, 2), ko.transpose(1, 2)
     elif impl == "ours_compiled":   # the custom op inside a compiled graph, as the compiled model calls it
         f = torch.compile(rope_qknorm_triton)
-    elif impl == "compile_graphed":   # the whole fwd+bwd step replayed as one CUDA graph (below)
-        f = torch.compile(rope_unfused)
     else:
         f = rope_qknorm_triton
     rq, rk = rope_qknorm_reference(q.detach().float(), k.detach().float(), cos, sin)
@@ -229,15 +220,14 @@ def test_rope_qknorm(benchmark, shape, impl):
             q.grad = k.grad = None
             a, b = f(q, k, cos, sin)
             torch.autograd.backward((a, b), (gq, gk))
-        if impl.endswith("_graphed"):
-            # GPU time without the CPU's launch and autograd costs: in a training step the GPU queue runs
-            # ahead of the CPU, so this, not the eager row, is what a layer's rope costs there.
-            step = cuda_graph(step)
     nbytes = 10 * q.numel() * q.element_size() * 2 / 2  # 10 passes over q and k (5 each way), bf16
     floor = nbytes / ceilings.measure()["copy_bw_Bps"] * 1e3
     row = record(benchmark, "rope_qknorm", shape, impl, step, floor, nbytes, "tbps")
-    # CPU time per call (launches queued, no sync): at or above median_ms, the row measures the CPU
+    # CPU time per call (launches queued, no sync): at or above median_ms, the row measures the CPU. Then
+    # the GPU's busy time per call (kernel durations from CUPTI): what the call costs a training step,
+    # where the GPU queue runs ahead of the CPU.
     row["host_ms"] = host_ms(step)
+    row["gpu_busy_ms"] = gpu_busy_ms(step)
     if impl == "ours" and os.environ.get("KERNELS_PROFILE"):
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -291,12 +281,12 @@ def write_results():
     if not RESULTS:
         return
     import triton
-    # graph-replayed rows compare with the graph-replayed compile row, the rest with plain compile
-    base = {(r["family"], r["shape"], r["impl"].endswith("_graphed")): r["median_ms"]
-            for r in RESULTS if r["impl"] in ("compile", "compile_graphed")}
+    base = {(r["family"], r["shape"]): r for r in RESULTS if r["impl"] == "compile"}
     for r in RESULTS:
-        b = base.get((r["family"], r["shape"], r["impl"].endswith("_graphed")))
-        r["speedup_vs_compile"] = b / r["median_ms"] if b else None
+        b = base.get((r["family"], r["shape"]))
+        r["speedup_vs_compile"] = b["median_ms"] / r["median_ms"] if b else None
+        if b and "gpu_busy_ms" in r:
+            r["gpu_busy_speedup_vs_compile"] = b["gpu_busy_ms"] / r["gpu_busy_ms"]
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "commit": git_commit(),
            "floors": ceilings.measure(),
@@ -304,8 +294,12 @@ def write_results():
     out = Path(os.environ.get("KERNELS_JSON", "bench/results/kernels.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2))
-    print(f"\n{'family':<12} {'shape':<5} {'impl':<16} {'ms':>8} {'%floor':>7} {'vs compile':>10} {'mem GB':>7}")
+    print(f"\n{'family':<12} {'shape':<5} {'impl':<28} {'ms':>8} {'%floor':>7} {'vs compile':>10} {'mem GB':>7}"
+          f" {'host ms':>8} {'GPU busy':>8}")
     for r in RESULTS:
         sp = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
         mem = f"{r['extra_mem_gb']:.2f}" if "extra_mem_gb" in r else ""
-        print(f"{r['family']:<12} {r['shape']:<5} {r['impl']:<16} {r['median_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% {sp:>10} {mem:>7}")
+        host = f"{r['host_ms']:.3f}" if "host_ms" in r else ""
+        busy = f"{r['gpu_busy_ms']:.3f}" if "gpu_busy_ms" in r else ""
+        print(f"{r['family']:<12} {r['shape']:<5} {r['impl']:<28} {r['median_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
+              f"{sp:>10} {mem:>7} {host:>8} {busy:>8}")
