@@ -87,6 +87,21 @@ def ce_unfused(x, w, y, cap=15.0):
     return F.cross_entropy(logits, y, ignore_index=-1)
 
 
+def ce_kernel_configs_ms(buf, y, losses, scale, C, N):
+    """Median ms of the loss/gradient kernel over all chunks, per config of its autotune list."""
+    from fastchat_core.triton_kernels.softcap_ce import CONFIGS, _programs, _softcap_ce_kernel
+    out = {}
+    for bv, warps, per_sm in CONFIGS:
+        def step():
+            for s0 in range(0, N, C):
+                rows = min(C, N - s0)
+                _softcap_ce_kernel.fn[(_programs(rows, buf.device, per_sm),)](
+                    buf, y[s0:s0 + rows], scale, losses[s0:s0 + rows], rows, buf.shape[1], buf.stride(0), 0, 15.0,
+                    -1, HAS_CAP=True, WRITE_GRAD=True, FAST=True, BLOCK_V=bv, PER_SM=per_sm, num_warps=warps)
+        out[f"BLOCK_V={bv} warps={warps} per_sm={per_sm}"] = median_ms(step)
+    return out
+
+
 @pytest.mark.parametrize("shape", ["d12", "d20"])
 @pytest.mark.parametrize("impl", ["eager", "compile", "liger", "ours", "ours_gemms_only", "ours_kernel_only",
                                   "ours_kernel_only_exact_tanh"])
@@ -133,7 +148,8 @@ def test_softcap_ce(benchmark, shape, impl):
         # (read, write) at the copy rate; the special-function unit bounds it too (see bench/NOTES.md).
         # The _exact_tanh row is the same kernel with tanh from exp2 and a reciprocal (one more op).
         fast = not impl.endswith("_exact_tanh")
-        from fastchat_core.triton_kernels.softcap_ce import _KERNEL_CHUNK_BYTES, _chunk_rows, loss_and_grad_
+        from fastchat_core.triton_kernels.softcap_ce import (_KERNEL_CHUNK_BYTES, _chunk_rows, _softcap_ce_kernel,
+                                                             loss_and_grad_)
         C = _chunk_rows(None, V, 2, _KERNEL_CHUNK_BYTES)
         buf = (torch.randn(C, V, device="cuda") * 4).bfloat16()
         losses, scale = torch.empty(N, device="cuda"), torch.ones(1, device="cuda")
@@ -143,8 +159,11 @@ def test_softcap_ce(benchmark, shape, impl):
                 rows = min(C, N - s0)
                 loss_and_grad_(buf[:rows], y[s0:s0 + rows], scale, losses[s0:s0 + rows], 15.0, -1, fast_tanh=fast)
         nbytes = 2 * N * V * 2
-        record(benchmark, "softcap_ce", shape, impl, step, nbytes / ceilings.measure()["copy_bw_Bps"] * 1e3,
-               nbytes, "tbps")
+        row = record(benchmark, "softcap_ce", shape, impl, step,
+                     nbytes / ceilings.measure()["copy_bw_Bps"] * 1e3, nbytes, "tbps")
+        if fast:   # each of the autotuner's configs alone, and the one it chose
+            row["configs_ms"] = ce_kernel_configs_ms(buf, y, losses, scale, C, N)
+            row["chosen"] = str(_softcap_ce_kernel.best_config)
         return
     else:
         f = softcap_ce_triton
@@ -303,3 +322,6 @@ def write_results():
         busy = f"{r['gpu_busy_ms']:.3f}" if "gpu_busy_ms" in r else ""
         print(f"{r['family']:<12} {r['shape']:<5} {r['impl']:<28} {r['median_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
               f"{sp:>10} {mem:>7} {host:>8} {busy:>8}")
+    for r in RESULTS:
+        for name, ms in r.get("configs_ms", {}).items():
+            print(f"  {r['family']} {r['shape']} {r['impl']} {name}: {ms:.3f} ms" + (" (chosen)" if name in r["chosen"] else ""))

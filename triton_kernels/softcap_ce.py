@@ -136,17 +136,31 @@ def softcap_ce_reference(x, weight, targets, softcap=15.0, ignore_index=-1, redu
 # ----------------------------------------------------------------------------------------------------
 # Triton kernel: one program per row of a chunk's logits.
 
+# (BLOCK_V, num_warps, PER_SM): PER_SM programs per SM walk the rows, so that the rows in flight (SMs x
+# PER_SM, 128 KB each at d20) fit L2 and pass 2 re-reads its row from there; PER_SM 0 is one program per
+# row, as many resident as registers allow. One program per row measured 3.10 ms for the d20 chunks on an
+# H200 (three DRAM passes: 3.0 ms at 4.25 TB/s); 2 per SM, 3.41 ms (16 warps per SM cannot keep enough
+# loads in flight). bench_kernels' ours_kernel_only row times each config.
+CONFIGS = [(1024, 4, 0), (2048, 4, 0), (4096, 8, 0), (8192, 16, 0), (16384, 32, 0),
+           (2048, 4, 4), (4096, 8, 2), (4096, 8, 4), (8192, 16, 1), (16384, 32, 1)]
+
+
 def _configs():
-    # A fixed number of programs per SM, each walking rows: the rows in flight (SMs x PER_SM) bound the
-    # logits that pass 2 re-reads, so that they are still in L2 (50 MB) instead of coming again from DRAM.
-    # One program per row (as before) measured 3.1 ms for the d20 chunks on an H200: three DRAM passes.
     # The interpreter cannot benchmark, so it gets one config, with a small block and few programs so the
     # tests cover the loop over V with its ragged tail and the loop over rows.
     if _INTERPRET:
         return [triton.Config({"BLOCK_V": 128, "PER_SM": 1}, num_warps=4)]
-    return [triton.Config({"BLOCK_V": bv, "PER_SM": per_sm}, num_warps=warps)
-            for bv, warps, per_sms in ((4096, 8, (2, 4, 8)), (8192, 16, (1, 2, 4)), (16384, 32, (1, 2)))
-            for per_sm in per_sms]
+    return [triton.Config({"BLOCK_V": bv, "PER_SM": per_sm}, num_warps=warps) for bv, warps, per_sm in CONFIGS]
+
+
+def _programs(rows, device, per_sm):
+    return rows if per_sm == 0 else min(rows, _sm_count(device) * per_sm)
+
+
+@functools.cache
+def _sm_count(device):
+    # the interpreter has no SMs: 4 programs, so the tests walk several rows per program
+    return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -165,6 +179,73 @@ def _tanh(x, FAST: tl.constexpr):
         return 1.0 - 2.0 * r, 4.0 * r * (1.0 - r)
 
 
+@triton.jit
+def _ce_row(row, logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, scale_stride, softcap,
+            ignore_index, HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr,
+            BLOCK_V: tl.constexpr):
+    """One row of the chunk: its loss and, with WRITE_GRAD, its gradient over its logits.
+
+    The capped path is bound by the special-function unit (exp2, reciprocal, tanh: ~16 per clock per SM)
+    as much as by memory, so it uses the fewest of them: per element and pass, tanh (one op with FAST, see
+    _tanh) and one exp2; exp(z - c) needs no running max since z <= c."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    cols = tl.arange(0, BLOCK_V)
+    inv_cap = 1.0 / softcap
+    cap_log2e = softcap * LOG2E
+    row = row.to(tl.int64)   # 64-bit offsets: a chunk of logits can pass 2^31 elements
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    if target == ignore_index:
+        tl.store(losses_ptr + row, 0.0)
+        if WRITE_GRAD:
+            zeros = tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                tl.store(row_ptr + start + cols, zeros, mask=start + cols < V)
+    else:
+        # Pass 1: logsumexp in fp32.
+        if HAS_CAP:
+            acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for start in range(0, V, BLOCK_V):
+                mask = start + cols < V
+                logits = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                t, _ = _tanh(logits * inv_cap, FAST)
+                acc += tl.where(mask, tl.exp2((t - 1.0) * cap_log2e), 0.0)   # exp(z - c)
+            lse = softcap + tl.log(tl.sum(acc, axis=0))
+            # the target's logit enters the loss directly, and its gradient is -1 times dt: always exact
+            t_target, dt_target = _tanh(tl.load(row_ptr + target).to(tl.float32) * inv_cap, False)
+            z_target = softcap * t_target
+        else:
+            # Online logsumexp: a running max m and the sum s of exp(z - m), rescaled when m grows.
+            m = float("-inf")
+            s = 0.0
+            for start in range(0, V, BLOCK_V):
+                mask = start + cols < V
+                z = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            z_target = tl.load(row_ptr + target).to(tl.float32)
+        tl.store(losses_ptr + row, lse - z_target)
+        # Pass 2: the gradient, over the logits (each element is read before this program overwrites it).
+        if WRITE_GRAD:
+            scale = tl.load(scale_ptr + row * scale_stride)
+            shift = (softcap - lse) * LOG2E if HAS_CAP else -lse * LOG2E
+            for start in range(0, V, BLOCK_V):
+                mask = start + cols < V
+                logits = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_CAP:
+                    t, dt = _tanh(logits * inv_cap, FAST)
+                    p = tl.exp2((t - 1.0) * cap_log2e + shift)   # exp(z - c) * exp(c - lse)
+                else:
+                    p = tl.exp2(logits * LOG2E + shift)
+                is_target = start + cols == target
+                g = p - tl.where(is_target, 1.0, 0.0)
+                if HAS_CAP:
+                    g = g * tl.where(is_target, dt_target, dt)
+                tl.store(row_ptr + start + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
 # restore_value: the kernel overwrites the logits with their gradient, so autotuning must put them back
 # between trials.
 @triton.autotune(configs=_configs(), key=["V", "HAS_CAP", "WRITE_GRAD", "FAST"], restore_value=["logits_ptr"])
@@ -173,72 +254,13 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, n_rows, V
                        softcap, ignore_index,
                        HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr,
                        PER_SM: tl.constexpr):
-    # The capped path is bound by the special-function unit (exp2, reciprocal, tanh: ~16 per clock per SM
-    # against 4.3 TB/s of logits at ~4 ops per byte), so it uses the fewest of them: per element and pass,
-    # tanh (one op with FAST, see _tanh) and one exp2; exp(z - c) needs no running max since z <= c.
-    LOG2E: tl.constexpr = 1.4426950408889634
-    cols = tl.arange(0, BLOCK_V)
-    inv_cap = 1.0 / softcap
-    cap_log2e = softcap * LOG2E
-    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        row = tl.cast(r, tl.int64)   # 64-bit offsets: a chunk of logits can pass 2^31 elements
-        row_ptr = logits_ptr + row * stride_row
-        target = tl.load(targets_ptr + row)
-        if target == ignore_index:
-            tl.store(losses_ptr + row, 0.0)
-            if WRITE_GRAD:
-                zeros = tl.zeros([BLOCK_V], dtype=logits_ptr.dtype.element_ty)
-                for start in range(0, V, BLOCK_V):
-                    tl.store(row_ptr + start + cols, zeros, mask=start + cols < V)
-        else:
-            # Pass 1: logsumexp in fp32.
-            if HAS_CAP:
-                acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-                for start in range(0, V, BLOCK_V):
-                    mask = start + cols < V
-                    logits = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-                    t, _ = _tanh(logits * inv_cap, FAST)
-                    acc += tl.where(mask, tl.exp2((t - 1.0) * cap_log2e), 0.0)   # exp(z - c)
-                lse = softcap + tl.log(tl.sum(acc, axis=0))
-                # the target's logit enters the loss directly, and its gradient is -1 times dt: always exact
-                t_target, dt_target = _tanh(tl.load(row_ptr + target).to(tl.float32) * inv_cap, False)
-                z_target = softcap * t_target
-            else:
-                # Online logsumexp: a running max m and the sum s of exp(z - m), rescaled when m grows.
-                m = float("-inf")
-                s = 0.0
-                for start in range(0, V, BLOCK_V):
-                    mask = start + cols < V
-                    z = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                    m_new = tl.maximum(m, tl.max(z, axis=0))
-                    s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), axis=0)
-                    m = m_new
-                lse = m + tl.log(s)
-                z_target = tl.load(row_ptr + target).to(tl.float32)
-            tl.store(losses_ptr + row, lse - z_target)
-            # Pass 2: the gradient, over the logits (each element is read before this program overwrites it).
-            if WRITE_GRAD:
-                scale = tl.load(scale_ptr + row * scale_stride)
-                shift = (softcap - lse) * LOG2E if HAS_CAP else -lse * LOG2E
-                for start in range(0, V, BLOCK_V):
-                    mask = start + cols < V
-                    logits = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-                    if HAS_CAP:
-                        t, dt = _tanh(logits * inv_cap, FAST)
-                        p = tl.exp2((t - 1.0) * cap_log2e + shift)   # exp(z - c) * exp(c - lse)
-                    else:
-                        p = tl.exp2(logits * LOG2E + shift)
-                    is_target = start + cols == target
-                    g = p - tl.where(is_target, 1.0, 0.0)
-                    if HAS_CAP:
-                        g = g * tl.where(is_target, dt_target, dt)
-                    tl.store(row_ptr + start + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.cache
-def _sm_count(device):
-    # the interpreter has no SMs: 4 programs, so the tests walk several rows per program
-    return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+    if PER_SM == 0:
+        _ce_row(tl.program_id(0), logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, scale_stride,
+                softcap, ignore_index, HAS_CAP, WRITE_GRAD, FAST, BLOCK_V)
+    else:
+        for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            _ce_row(tl.full([], r, tl.int32), logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row,
+                    scale_stride, softcap, ignore_index, HAS_CAP, WRITE_GRAD, FAST, BLOCK_V)
 
 
 def loss_and_grad_(logits, targets, scale, losses, softcap, ignore_index, write_grad=True, fast_tanh=None):
@@ -248,8 +270,8 @@ def loss_and_grad_(logits, targets, scale, losses, softcap, ignore_index, write_
     if fast_tanh is None:
         fast_tanh = logits.element_size() == 2
     fast_tanh = fast_tanh and not _INTERPRET
-    rows, sms = logits.shape[0], _sm_count(logits.device)
-    _softcap_ce_kernel[lambda meta: (min(rows, sms * meta["PER_SM"]),)](
+    rows = logits.shape[0]
+    _softcap_ce_kernel[lambda meta: (_programs(rows, logits.device, meta["PER_SM"]),)](
         logits, targets, scale, losses, rows, logits.shape[1], logits.stride(0), 0 if scale.numel() == 1 else 1,
         float(softcap or 1.0), ignore_index, HAS_CAP=bool(softcap), WRITE_GRAD=write_grad, FAST=fast_tanh)
 
