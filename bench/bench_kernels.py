@@ -163,7 +163,8 @@ def test_softcap_ce(benchmark, shape, impl):
                      nbytes / ceilings.measure()["copy_bw_Bps"] * 1e3, nbytes, "tbps")
         if fast:   # each of the autotuner's configs alone, and the one it chose
             row["configs_ms"] = ce_kernel_configs_ms(buf, y, losses, scale, C, N)
-            row["chosen"] = str(_softcap_ce_kernel.best_config)
+            best = _softcap_ce_kernel.best_config
+            row["chosen"] = f"BLOCK_V={best.kwargs['BLOCK_V']} warps={best.num_warps} per_sm={best.kwargs['PER_SM']}"
         return
     else:
         f = softcap_ce_triton
@@ -324,4 +325,4 @@ def write_results():
               f"{sp:>10} {mem:>7} {host:>8} {busy:>8}")
     for r in RESULTS:
         for name, ms in r.get("configs_ms", {}).items():
-            print(f"  {r['family']} {r['shape']} {r['impl']} {name}: {ms:.3f} ms" + (" (chosen)" if name in r["chosen"] else ""))
+            print(f"  {r['family']} {r['shape']} {r['impl']} {name}: {ms:.3f} ms" + (" (chosen)" if name == r["chosen"] else ""))
