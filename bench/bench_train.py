@@ -22,15 +22,16 @@ ANCHOR = {12: {"tokens_per_s": 418_000, "mfu": 0.439}, 20: {"tokens_per_s": 122_
 BATCH = {12: 32, 20: 16}
 
 
-def run_one(depth, kernels, steps, profile=None, data=None):
+def run_one(depth, kernels, steps, profile=None, data=None, eval_every=100):
     """One training run in its own process; `data` = (folder, tokenizer) for real text, else random tokens."""
     B = BATCH[depth]
     run_dir = Path(f"/tmp/bench_train/d{depth}_k{int(kernels)}_{'text' if data else 'random'}")
-    source = [f"--data={data[0]}", f"--tokenizer={data[1]}", "--eval-every=100", "--eval-tokens=524288"] \
+    source = [f"--data={data[0]}", f"--tokenizer={data[1]}", f"--eval-every={eval_every}", "--eval-tokens=524288"] \
         if data else ["--random-data", "--eval-every=0"]
     cmd = [sys.executable, "-m", "fastchat_core.train.base", *source, f"--depth={depth}",
            f"--device-batch-size={B}", f"--total-batch-size={B * 2048}", f"--num-iterations={steps}",
-           "--log-every=10", "--kernels" if kernels else "--no-kernels", f"--run-dir={run_dir}"]
+           "--log-every=10", "--kernels" if kernels else "--no-kernels", f"--run-dir={run_dir}",
+           "--save-every=-1"]   # a d20 checkpoint is GBs of disk writes the benchmark does not need
     if profile:
         cmd.append(f"--profile={profile}")
     t0 = time.time()
@@ -82,6 +83,8 @@ def main(argv=None):
     p.add_argument("--curve", default=None, metavar="DATA,TOKENIZER",
                    help="also train d20 on real text for --curve-steps with the --kernels modes: same loss curve?")
     p.add_argument("--curve-steps", type=int, default=200)
+    p.add_argument("--curve-eval-every", type=int, default=100,
+                   help="val bpb every N steps of the curve runs (0: none, e.g. so both runs fit one device call)")
     args = p.parse_args(argv)
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.kernels]
     results = []
@@ -90,7 +93,8 @@ def main(argv=None):
             prof = str(Path(args.profile_dir) / f"profile_d{depth}_k{int(k)}.txt") if depth == 20 else None
             results.append(run_one(depth, k, args.steps, prof))
     if args.curve:
-        runs = [run_one(20, k, args.curve_steps, data=args.curve.split(",")) for k in modes]
+        runs = [run_one(20, k, args.curve_steps, data=args.curve.split(","), eval_every=args.curve_eval_every)
+                for k in modes]
         results += runs
         if len(runs) == 2 and all("loss_curve" in r for r in runs):
             a, b = runs[0]["loss_curve"], runs[1]["loss_curve"]

@@ -60,7 +60,7 @@ def get_args(argv=None):
     add_run_args(g, "default $FASTCHAT_HOME/base/d<depth>")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
     g.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fresh optimizer)")
-    g.add_argument("--save-every", type=int, default=0, help="0 = only at the end")
+    g.add_argument("--save-every", type=int, default=0, help="0 = only at the end, -1 = never (benchmarks)")
     g.add_argument("--eval-every", type=int, default=250)
     g.add_argument("--eval-tokens", type=int, default=1 << 20)
     g.add_argument("--sample-every", type=int, default=0)
@@ -257,14 +257,15 @@ def main(argv=None):
                 mfu_s = f" | MFU {100 * mfu:.1f}%" if mfu else ""
                 print0(f"step {step:5d}/{num_steps} | loss {train_loss:.4f} | {dt * 1000:.0f} ms | "
                        f"{tok_s:,.0f} tok/s{mfu_s} | ETA {eta / 60:.1f} min")
-            if args.save_every and step % args.save_every == 0 and step < num_steps:
+            if args.save_every > 0 and step % args.save_every == 0 and step < num_steps:
                 checkpoint(step)
 
         if prof is not None:
             prof.stop()
             if rank == 0:
                 Path(args.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
-        checkpoint(step)
+        if args.save_every >= 0:
+            checkpoint(step)
         summary = {"params": n_params, "flops_per_token": flops_per_token, "steps": step,
                    "tokens_per_s": args.total_batch_size * steps_timed / t_total if t_total else None}
         if summary["tokens_per_s"] and peak:
