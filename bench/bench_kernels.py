@@ -89,16 +89,16 @@ def ce_unfused(x, w, y, cap=15.0):
 
 def ce_kernel_configs_ms(buf, y, losses, scale, C, N):
     """Median ms of the loss/gradient kernel over all chunks, per config of its autotune list."""
-    from fastchat_core.triton_kernels.softcap_ce import CONFIGS, _programs, _softcap_ce_kernel
+    from fastchat_core.triton_kernels.softcap_ce import CONFIGS, _softcap_ce_kernel
     out = {}
-    for bv, warps, per_sm in CONFIGS:
+    for bv, warps in CONFIGS:
         def step():
             for s0 in range(0, N, C):
                 rows = min(C, N - s0)
-                _softcap_ce_kernel.fn[(_programs(rows, buf.device, per_sm),)](
-                    buf, y[s0:s0 + rows], scale, losses[s0:s0 + rows], rows, buf.shape[1], buf.stride(0), 0, 15.0,
-                    -1, HAS_CAP=True, WRITE_GRAD=True, FAST=True, BLOCK_V=bv, PER_SM=per_sm, num_warps=warps)
-        out[f"BLOCK_V={bv} warps={warps} per_sm={per_sm}"] = median_ms(step)
+                _softcap_ce_kernel.fn[(rows,)](
+                    buf, y[s0:s0 + rows], scale, losses[s0:s0 + rows], buf.shape[1], buf.stride(0), 0, 15.0, -1,
+                    HAS_CAP=True, WRITE_GRAD=True, FAST=True, BLOCK_V=bv, num_warps=warps)
+        out[f"BLOCK_V={bv} warps={warps}"] = median_ms(step)
     return out
 
 
@@ -164,7 +164,7 @@ def test_softcap_ce(benchmark, shape, impl):
         if fast:   # each of the autotuner's configs alone, and the one it chose
             row["configs_ms"] = ce_kernel_configs_ms(buf, y, losses, scale, C, N)
             best = _softcap_ce_kernel.best_config
-            row["chosen"] = f"BLOCK_V={best.kwargs['BLOCK_V']} warps={best.num_warps} per_sm={best.kwargs['PER_SM']}"
+            row["chosen"] = f"BLOCK_V={best.kwargs['BLOCK_V']} warps={best.num_warps}"
         return
     else:
         f = softcap_ce_triton

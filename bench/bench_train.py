@@ -62,11 +62,18 @@ def plot_curves(runs, path):
     for r in runs:
         label = f"kernels {'on' if r['kernels'] else 'off'}"
         ax1.plot(r["loss_curve"], label=label, lw=1)
-        ax2.plot([int(s) for s in r["val_bpb"]], list(r["val_bpb"].values()), marker="o", label=label)
+        if r["val_bpb"]:
+            ax2.plot([int(s) for s in r["val_bpb"]], list(r["val_bpb"].values()), marker="o", label=label)
     ax1.set(xlabel="step", ylabel="train loss", title=f"d{runs[0]['depth']} on real text")
-    ax2.set(xlabel="step", ylabel="val bits per byte")
+    ax1.legend()
+    if runs[0]["val_bpb"]:
+        ax2.set(xlabel="step", ylabel="val bits per byte")
+        ax2.legend()
+    else:   # no evals: the per-step difference of the two curves instead
+        off, on = runs[0]["loss_curve"], runs[1]["loss_curve"]
+        ax2.plot([b - a for a, b in zip(off, on)], lw=1, color="k")
+        ax2.set(xlabel="step", ylabel="train loss, kernels on - off")
     for ax in (ax1, ax2):
-        ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -19,14 +19,15 @@ grad_W accumulates in the input dtype (as do the GEMM outputs): an fp32 accumula
 d20, most of the 0.5 GB budget, and the gradient is handed back in the input dtype anyway; the chunks are
 3,072 tokens at d20, so that is 10 extra roundings, each of a sum over a whole chunk.
 
-Measured on an H100 at d20 (bf16, fwd+bwd): 29.1 ms and 0.40 GB beyond the inputs and gradients, against
-31.6 ms and 4.3 GB for torch.compile of the unfused ops in the same run (1.08x in a second run too). The three GEMMs alone take ~24-25 ms there
-(cuBLAS at 640-710 TFLOP/s on these shapes, chunked or not); the kernel adds ~4.6 ms.
+Measured at d20 (bf16, fwd+bwd) on an H200, same runs as the baselines (results/kernels_ce_d20_*_h200.json):
+28.0-28.1 ms (1.15-1.17x the 6NHV floor at the measured matmul rate) and 0.40 GB beyond the inputs and
+gradients, against 30.5 ms / 4.3 GB for torch.compile of the unfused ops and 33.1 ms / 0.13 GB for Liger.
+The three GEMMs alone take 24.9 ms; the loss/gradient kernel alone 3.1 ms, at the bound of its three passes
+over the logits in DRAM (keeping a row on chip for one pass would need 128 KB of shared memory per row).
 
 The PyTorch reference runs the same chunking with fp32 math and recomputes the logits in backward (it
 is what CPU training runs, where memory matters more than the one extra GEMM).
 """
-import functools
 import os
 
 import torch
@@ -136,31 +137,20 @@ def softcap_ce_reference(x, weight, targets, softcap=15.0, ignore_index=-1, redu
 # ----------------------------------------------------------------------------------------------------
 # Triton kernel: one program per row of a chunk's logits.
 
-# (BLOCK_V, num_warps, PER_SM): PER_SM programs per SM walk the rows, so that the rows in flight (SMs x
-# PER_SM, 128 KB each at d20) fit L2 and pass 2 re-reads its row from there; PER_SM 0 is one program per
-# row, as many resident as registers allow. One program per row measured 3.10 ms for the d20 chunks on an
-# H200 (three DRAM passes: 3.0 ms at 4.25 TB/s); 2 per SM, 3.41 ms (16 warps per SM cannot keep enough
-# loads in flight). bench_kernels' ours_kernel_only row times each config.
-CONFIGS = [(1024, 4, 0), (2048, 4, 0), (4096, 8, 0), (8192, 16, 0), (16384, 32, 0),
-           (2048, 4, 4), (4096, 8, 2), (4096, 8, 4), (8192, 16, 1), (16384, 32, 1)]
+# (BLOCK_V, num_warps) for one program per row. On an H200 at d20 (bf16 chunks of 3,072 x 65,536) these
+# take 3.08-3.50 ms over all chunks, 16384 x 32 the fastest: three DRAM passes (read, re-read, write) at
+# ~4.2 TB/s, since each SM holds several 128 KB rows and the re-read misses L2. A fixed few programs per SM
+# walking the rows, so the re-read would hit L2, measured 3.4-5.9 ms: too few loads in flight
+# (results/kernels_ce_d20_96f15e0_h200.json; bench/NOTES.md). bench_kernels times each config.
+CONFIGS = [(1024, 4), (2048, 4), (4096, 8), (8192, 16), (16384, 32)]
 
 
 def _configs():
-    # The interpreter cannot benchmark, so it gets one config, with a small block and few programs so the
-    # tests cover the loop over V with its ragged tail and the loop over rows.
+    # The interpreter cannot benchmark, so it gets one config, with a small block so the tests cover the
+    # loop over V and its ragged tail.
     if _INTERPRET:
-        return [triton.Config({"BLOCK_V": 128, "PER_SM": 1}, num_warps=4)]
-    return [triton.Config({"BLOCK_V": bv, "PER_SM": per_sm}, num_warps=warps) for bv, warps, per_sm in CONFIGS]
-
-
-def _programs(rows, device, per_sm):
-    return rows if per_sm == 0 else min(rows, _sm_count(device) * per_sm)
-
-
-@functools.cache
-def _sm_count(device):
-    # the interpreter has no SMs: 4 programs, so the tests walk several rows per program
-    return 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+        return [triton.Config({"BLOCK_V": 128}, num_warps=4)]
+    return [triton.Config({"BLOCK_V": bv}, num_warps=warps) for bv, warps in CONFIGS]
 
 
 @triton.jit
@@ -179,22 +169,22 @@ def _tanh(x, FAST: tl.constexpr):
         return 1.0 - 2.0 * r, 4.0 * r * (1.0 - r)
 
 
+# restore_value: the kernel overwrites the logits with their gradient, so autotuning must put them back
+# between trials.
+@triton.autotune(configs=_configs(), key=["V", "HAS_CAP", "WRITE_GRAD", "FAST"], restore_value=["logits_ptr"])
 @triton.jit
-def _ce_row(row, logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, scale_stride, softcap,
-            ignore_index, HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr,
-            BLOCK_V: tl.constexpr):
-    """One row of the chunk: its loss and, with WRITE_GRAD, its gradient over its logits.
-
-    The capped path is bound by the special-function unit (exp2, reciprocal, tanh: ~16 per clock per SM)
-    as much as by memory, so it uses the fewest of them: per element and pass, tanh (one op with FAST, see
-    _tanh) and one exp2; exp(z - c) needs no running max since z <= c."""
+def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, scale_stride,
+                       softcap, ignore_index,
+                       HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr):
+    # The special-function unit (exp2, reciprocal, tanh: 16 per clock per SM) bounds the capped path as
+    # much as memory does, so it uses the fewest: per element and pass, tanh (one op with FAST, see _tanh)
+    # and one exp2 (exact tanh: 3.95 ms for the d20 chunks on an H200, FAST: 3.08 ms, at the DRAM bound);
+    # exp(z - c) needs no running max since z <= c.
     LOG2E: tl.constexpr = 1.4426950408889634
-    cols = tl.arange(0, BLOCK_V)
-    inv_cap = 1.0 / softcap
-    cap_log2e = softcap * LOG2E
-    row = row.to(tl.int64)   # 64-bit offsets: a chunk of logits can pass 2^31 elements
+    row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
     if target == ignore_index:
         tl.store(losses_ptr + row, 0.0)
         if WRITE_GRAD:
@@ -203,6 +193,8 @@ def _ce_row(row, logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, 
                 tl.store(row_ptr + start + cols, zeros, mask=start + cols < V)
     else:
         # Pass 1: logsumexp in fp32.
+        inv_cap = 1.0 / softcap
+        cap_log2e = softcap * LOG2E
         if HAS_CAP:
             acc = tl.zeros([BLOCK_V], dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
@@ -246,23 +238,6 @@ def _ce_row(row, logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, 
                 tl.store(row_ptr + start + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-# restore_value: the kernel overwrites the logits with their gradient, so autotuning must put them back
-# between trials.
-@triton.autotune(configs=_configs(), key=["V", "HAS_CAP", "WRITE_GRAD", "FAST"], restore_value=["logits_ptr"])
-@triton.jit
-def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, n_rows, V, stride_row, scale_stride,
-                       softcap, ignore_index,
-                       HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr, BLOCK_V: tl.constexpr,
-                       PER_SM: tl.constexpr):
-    if PER_SM == 0:
-        _ce_row(tl.program_id(0), logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row, scale_stride,
-                softcap, ignore_index, HAS_CAP, WRITE_GRAD, FAST, BLOCK_V)
-    else:
-        for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-            _ce_row(tl.full([], r, tl.int32), logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride_row,
-                    scale_stride, softcap, ignore_index, HAS_CAP, WRITE_GRAD, FAST, BLOCK_V)
-
-
 def loss_and_grad_(logits, targets, scale, losses, softcap, ignore_index, write_grad=True, fast_tanh=None):
     """The Triton kernel on one chunk's (C, V) logits: losses (C,) fp32, and with write_grad the logits
     are overwritten by scale * d(loss)/d(logits). scale: fp32, (1,) or (C,). fast_tanh (default: for
@@ -270,9 +245,8 @@ def loss_and_grad_(logits, targets, scale, losses, softcap, ignore_index, write_
     if fast_tanh is None:
         fast_tanh = logits.element_size() == 2
     fast_tanh = fast_tanh and not _INTERPRET
-    rows = logits.shape[0]
-    _softcap_ce_kernel[lambda meta: (_programs(rows, logits.device, meta["PER_SM"]),)](
-        logits, targets, scale, losses, rows, logits.shape[1], logits.stride(0), 0 if scale.numel() == 1 else 1,
+    _softcap_ce_kernel[(logits.shape[0],)](
+        logits, targets, scale, losses, logits.shape[1], logits.stride(0), 0 if scale.numel() == 1 else 1,
         float(softcap or 1.0), ignore_index, HAS_CAP=bool(softcap), WRITE_GRAD=write_grad, FAST=fast_tanh)
 
 
