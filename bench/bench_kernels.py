@@ -143,9 +143,12 @@ def test_softcap_ce(benchmark, shape, impl):
         record(benchmark, "softcap_ce", shape, impl, step, floor, 6 * N * H * V, "tflops")
         return
     elif impl.startswith("ours_kernel_only"):
+        if shape != "d20":
+            pytest.skip("the same (C, V) chunks at every width: timed once, at d20")
         # The Triton loss/gradient kernel alone over every chunk (on one buffer of random logits it then
-        # overwrites with gradients: same work per element). Its floor is two passes over the logits
-        # (read, write) at the copy rate; the special-function unit bounds it too (see bench/NOTES.md).
+        # overwrites with gradients: same work per element; not checked, ours is). Its floor is the ideal two
+        # passes over the logits (read, write) at the copy rate; it makes three (re-reading each row), and
+        # the special-function unit bounds it too (see bench/NOTES.md).
         # The _exact_tanh row is the same kernel with tanh from exp2 and a reciprocal (one more op).
         fast = not impl.endswith("_exact_tanh")
         from fastchat_core.triton_kernels.softcap_ce import (_KERNEL_CHUNK_BYTES, _chunk_rows, _softcap_ce_kernel,
@@ -304,7 +307,8 @@ def write_results():
     base = {(r["family"], r["shape"]): r for r in RESULTS if r["impl"] == "compile"}
     for r in RESULTS:
         b = base.get((r["family"], r["shape"]))
-        r["speedup_vs_compile"] = b["median_ms"] / r["median_ms"] if b else None
+        whole = not r["impl"].startswith(("ours_gemms_only", "ours_kernel_only"))   # not parts of ours
+        r["speedup_vs_compile"] = b["median_ms"] / r["median_ms"] if b and whole else None
         if b and "gpu_busy_ms" in r:
             r["gpu_busy_speedup_vs_compile"] = b["gpu_busy_ms"] / r["gpu_busy_ms"]
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
