@@ -20,7 +20,7 @@ d20, most of the 0.5 GB budget, and the gradient is handed back in the input dty
 3,072 tokens at d20, so that is 10 extra roundings, each of a sum over a whole chunk.
 
 Measured at d20 (bf16, fwd+bwd) on an H200, same runs as the baselines (bench/results/kernels_ce_d20_*_h200.json):
-27.5-28.1 ms in four runs (1.12-1.17x the 6NHV floor at the run's measured matmul rate) and 0.40 GB beyond the inputs and
+27.5-28.1 ms in three runs (1.12-1.17x the 6NHV floor at the run's measured matmul rate) and 0.40 GB beyond the inputs and
 gradients, against 30.5 ms / 4.3 GB for torch.compile of the unfused ops and 33.1 ms / 0.13 GB for Liger.
 The three GEMMs alone take 24.5-24.9 ms; the loss/gradient kernel alone 3.1 ms, at the bound of its three passes
 over the logits in DRAM (keeping a row on chip for one pass would need 128 KB of shared memory per row).
