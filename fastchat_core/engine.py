@@ -98,7 +98,8 @@ class ModelRunner:
         # q, k and v in one GEMM: at decode batch sizes each of the three small GEMMs costs about what their
         # concatenation does (H200 profile at 232 sequences: 6.4 us each). The engine keeps the concatenated
         # copy (d20: 197 MB in bf16, 393 MB in fp32) and refreshes it in place (CUDA graphs read it where it
-        # is) when the model's weights change: RL trains the model it samples from.
+        # is) when the model's weights change: RL trains the model it samples from. (The prefix cache does
+        # not follow them: after an update, Engine.reset_prefix_cache(), as RL's rollout does.)
         with torch.no_grad():
             self.qkv_weights = [torch.cat(parts) for parts in qkv_parts(model)]
         self._qkv_state = self._weights_state()
@@ -541,6 +542,11 @@ class Engine:
                 if delta.finished:
                     results[delta.request_id] = delta.result
         return [results[i] for i in ids]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget all cached prompt K/V, e.g. after the weights changed (RL samples between updates).
+        Between generations only (raises while requests hold blocks)."""
+        self.block_manager.reset_prefix_cache()
 
     def metrics(self) -> dict:
         """Counters and gauges for /metrics; ttft_s / itl_s are recent latency samples in seconds."""

@@ -126,6 +126,27 @@ class BlockManager:
         self.tables[seq.seq_id] = table
         return len(hits) * self.block_size
 
+    def first_block_hash(self, token_ids: list[int]) -> bytes | None:
+        """Name of the sequence's first block if a newcomer could share it (a full block before the last
+        token, prefix caching on), else None; `is_named` says whether its K/V is already written."""
+        if not self.enable_prefix_caching or len(token_ids) - 1 < self.block_size:
+            return None
+        return block_hash(b"", token_ids[:self.block_size])
+
+    def is_named(self, h: bytes) -> bool:
+        return h in self.hash_to_block
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every block's name, e.g. after the model's weights changed (RL): cached K/V came from the
+        old weights. Only between generations: a running sequence would name its blocks again."""
+        if self.tables:
+            raise RuntimeError(f"{len(self.tables)} sequences still hold KV blocks: reset the prefix cache "
+                               "between generations, when none is in flight")
+        self.free_ids.extend(self.cached)
+        self.cached.clear()
+        self.hash_to_block.clear()
+        self.block_hashes = [None] * self.num_blocks
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Give `child` (same tokens as `parent`, e.g. n > 1 samples of one prompt) all of parent's blocks.
 

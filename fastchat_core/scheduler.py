@@ -7,6 +7,10 @@ stalls the decodes. Blocks are reserved for a sequence's whole prompt when it is
 new block every block_size tokens, and when none is left the newest running sequence is preempted by
 recompute: its blocks are freed and it goes back to the FRONT of the waiting queue with the tokens it has
 generated, to be prefilled again (prefix caching usually finds most of its blocks still there).
+
+A waiting prompt whose first block another sequence is prefilling right now (n > 1 samples of one prompt,
+RL's groups, a shared system prompt arriving in a burst) waits one step while later requests go ahead: by
+then those blocks are written and named, so it shares them instead of computing them a second time.
 """
 import itertools
 from collections import deque
@@ -101,11 +105,22 @@ class Scheduler:
                 n = min(seq.prefill_len - seq.num_computed, budget)
                 prefills.append((seq, n))
                 budget -= n
+        # first blocks being computed now, by prefills in flight: whoever starts with one waits a step
+        in_flight = {h for seq, _ in prefills if (h := self.bm.first_block_hash(seq.token_ids)) is not None}
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.token_ids[-1] == PENDING or not self.bm.can_allocate(seq):
-                break   # FIFO: nobody overtakes the head of the queue (preempted with a token on the way: next step)
+            if seq.token_ids[-1] == PENDING:
+                break   # preempted with a token on the way: next step
+            h = self.bm.first_block_hash(seq.token_ids)
+            if h in in_flight and not self.bm.is_named(h):
+                deferred.append(self.waiting.popleft())
+                continue
+            if not self.bm.can_allocate(seq):
+                break   # FIFO for memory: nobody overtakes a head that does not fit
             self.waiting.popleft()
+            if h is not None:
+                in_flight.add(h)
             cached = self.bm.allocate(seq)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = cached
@@ -114,6 +129,7 @@ class Scheduler:
             n = min(seq.prefill_len - cached, budget)
             prefills.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))   # back at the front, in their order
         return decodes, prefills, copies
 
     def _make_room(self, seq: Sequence) -> bool:

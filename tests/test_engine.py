@@ -119,6 +119,45 @@ def test_prefix_cache_hits_keep_outputs_identical(model, naive):
     assert_all_blocks_free(chunked)
 
 
+def test_identical_prompts_in_one_batch_compute_the_prompt_once(model):
+    """n samples of one prompt (or RL's groups) in one batch: the first copy prefills it; the others wait a
+    step, while a different prompt behind them goes ahead, then share its blocks; same outputs as without."""
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randint(0, 128, (30,), generator=gen).tolist()
+    other = torch.randint(0, 128, (7,), generator=gen).tolist()
+    prompts = [shared] * 4 + [other]
+    params = [SamplingParams(max_tokens=6, temperature=1.0, seed=s) for s in range(5)]
+    engine = Engine(model, block_size=4)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    engine.step()
+    computed = [engine.requests[i].num_computed for i in ids]
+    assert computed == [30, 0, 0, 0, 7]   # the copies held back, the other prompt admitted past them
+    engine.step()
+    seqs = [engine.requests[i] for i in ids[1:4]]
+    assert [s.num_cached_tokens for s in seqs] == [28] * 3   # 7 full blocks before the last token
+    results = {}
+    while len(results) < len(ids):
+        results.update({d.request_id: d.result for d in engine.step() if d.finished})
+    unshared = Engine(model, block_size=4, enable_prefix_caching=False).generate(prompts, params)
+    assert [results[i].token_ids for i in ids] == [r.token_ids for r in unshared]
+    assert engine.metrics()["cached_tokens"] == 3 * 28
+    assert_all_blocks_free(engine)
+
+
+def test_reset_prefix_cache(model):
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 128, (21,), generator=gen).tolist()
+    engine = Engine(model, block_size=4)
+    engine.generate([prompt], GREEDY)
+    assert engine.generate([prompt], GREEDY)[0].num_cached_tokens == 20
+    engine.reset_prefix_cache()
+    assert engine.generate([prompt], GREEDY)[0].num_cached_tokens == 0   # computed again, by today's weights
+    engine.add_request(prompt, GREEDY)
+    engine.step()
+    with pytest.raises(RuntimeError, match="between generations"):
+        engine.reset_prefix_cache()
+
+
 def test_abort_mid_prefill_and_mid_generation_frees_blocks(model, prompts, naive):
     engine = Engine(model, block_size=4, max_num_batched_tokens=8, max_num_seqs=4)
     long_id = engine.add_request(prompts[3], GREEDY)          # 40 tokens: 5 steps of prefill

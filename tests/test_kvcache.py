@@ -364,3 +364,22 @@ def test_unappend_slot_returns_a_block_opened_for_that_slot():
     assert bm.num_free_blocks == 2 and len(bm.block_table(seq)) == 2
     bm.free(seq)
     assert bm.num_free_blocks == 4
+
+
+def test_first_block_hash_and_reset():
+    bm = BlockManager(8, block_size=4)
+    assert bm.first_block_hash([1, 2, 3, 4]) is None          # a full block but nothing after it to sample from
+    h = bm.first_block_hash([1, 2, 3, 4, 5])
+    assert h is not None and not bm.is_named(h)
+    assert BlockManager(8, 4, enable_prefix_caching=False).first_block_hash([1, 2, 3, 4, 5]) is None
+    s = Seq(0, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    bm.allocate(s)
+    bm.mark_computed(s, 9)
+    assert bm.is_named(h)
+    with pytest.raises(RuntimeError, match="between generations"):
+        bm.reset_prefix_cache()
+    bm.free(s)
+    assert len(bm.cached) == 2
+    bm.reset_prefix_cache()
+    assert not bm.is_named(h) and not bm.cached and bm.num_free_blocks == 8
+    assert bm.allocate(Seq(1, [1, 2, 3, 4, 5, 6, 7, 8, 9])) == 0

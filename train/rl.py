@@ -11,8 +11,9 @@ default) the ratio is exactly 1 and this is REINFORCE with a group baseline; wit
 batch is reused and the clip bounds how far each extra update moves from the policy that sampled it.
 
 The engine reads the model's parameters in place (the optimizers update them in place, so captured CUDA
-graphs stay valid; its concatenated q/k/v copy is refreshed when they change) and runs with prefix caching
-off: cached K/V would have been computed by older weights.
+graphs stay valid; its concatenated q/k/v copy is refreshed when they change). Its prefix cache is emptied
+before each rollout (cached K/V would come from older weights); within a rollout the G answers to a question
+share its prompt's K/V (the scheduler holds copies back a step while the first one computes it).
 """
 import argparse
 import hashlib
@@ -144,14 +145,16 @@ def training_row(prompt, tokens, tool_ids) -> tuple[list[int], list[int]]:
 
 def make_engine(model, tokenizer, max_num_seqs: int, max_len: int, block_size: int = 16) -> Engine:
     """An engine over `model`'s own parameters with room for max_num_seqs sequences of max_len tokens.
-    Prefix caching is off: after an update, cached K/V would come from the old weights."""
+    Prefix caching is on for the groups' shared prompts; rollout() empties it first (the weights changed)."""
     num_blocks = max_num_seqs * -(-max_len // block_size)
     return Engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                  enable_prefix_caching=False, use_cuda_graphs=True)
+                  enable_prefix_caching=True, use_cuda_graphs=True)
 
 
 def rollout(engine, prompts, params: SamplingParams, seeds):
-    """One group of answers (Results) per prompt: answer j to prompts[i] is drawn with seed seeds[i][j]."""
+    """One group of answers (Results) per prompt: answer j to prompts[i] is drawn with seed seeds[i][j].
+    Starts from an empty prefix cache: K/V cached by an earlier rollout came from older weights."""
+    engine.reset_prefix_cache()
     results = iter(engine.generate([p for p, row in zip(prompts, seeds) for _ in row],
                                    [replace(params, seed=s) for row in seeds for s in row]))
     return [[next(results) for _ in row] for row in seeds]
