@@ -96,12 +96,13 @@ class BlockManager:
 
     # ---- admission --------------------------------------------------------------------------------
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        """Whether blocks for all of the sequence's current tokens can be had now (prefix hits counted)."""
+    def can_allocate(self, seq: Sequence, reserved: int = 0) -> bool:
+        """Whether blocks for all of the sequence's current tokens can be had now (prefix hits counted),
+        leaving `reserved` free blocks to others (the scheduler's sequences held back a step)."""
         needed = self._blocks_for(len(seq.token_ids))
         hits = self._prefix_hits(seq.token_ids)[0]
         reclaimed = sum(self.ref_counts[b] == 0 for b in hits)   # cached hits stop being free once shared
-        return needed - len(hits) <= self.num_free_blocks - reclaimed
+        return needed - len(hits) <= self.num_free_blocks - reclaimed - reserved
 
     def allocate(self, seq: Sequence) -> int:
         """Reserve blocks for all of the sequence's current tokens; returns how many are already cached.
@@ -127,9 +128,9 @@ class BlockManager:
         return len(hits) * self.block_size
 
     def first_block_hash(self, token_ids: list[int]) -> bytes | None:
-        """Name of the sequence's first block if a newcomer could share it (a full block before the last
-        token, prefix caching on), else None; `is_named` says whether its K/V is already written."""
-        if not self.enable_prefix_caching or len(token_ids) - 1 < self.block_size:
+        """Name of the sequence's first block (None while it is not full, or with prefix caching off);
+        `is_named` says whether some block holds its K/V already."""
+        if not self.enable_prefix_caching or len(token_ids) < self.block_size:
             return None
         return block_hash(b"", token_ids[:self.block_size])
 

@@ -8,9 +8,10 @@ new block every block_size tokens, and when none is left the newest running sequ
 recompute: its blocks are freed and it goes back to the FRONT of the waiting queue with the tokens it has
 generated, to be prefilled again (prefix caching usually finds most of its blocks still there).
 
-A waiting prompt whose first block another sequence is prefilling right now (n > 1 samples of one prompt,
-RL's groups, a shared system prompt arriving in a burst) waits one step while later requests go ahead: by
-then those blocks are written and named, so it shares them instead of computing them a second time.
+A waiting prompt that shares at least MIN_SHARED_BLOCKS leading blocks with a prompt being prefilled right
+now (n > 1 samples of one prompt, RL's groups, a long system prompt arriving in a burst) waits one step: by
+then those blocks are written and named, so it shares them instead of computing them a second time. It
+keeps its seat and the blocks it will need meanwhile; later requests may go ahead only with what is left.
 """
 import itertools
 from collections import deque
@@ -20,6 +21,7 @@ from fastchat_core.sampler import SamplingParams
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 PENDING = -1   # stands in for a token that was sampled on the GPU but has not reached the host yet
+MIN_SHARED_BLOCKS = 4   # below this, computing the blocks again costs less than a step of waiting
 
 _seq_ids = itertools.count()
 
@@ -105,22 +107,24 @@ class Scheduler:
                 n = min(seq.prefill_len - seq.num_computed, budget)
                 prefills.append((seq, n))
                 budget -= n
-        # first blocks being computed now, by prefills in flight: whoever starts with one waits a step
-        in_flight = {h for seq, _ in prefills if (h := self.bm.first_block_hash(seq.token_ids)) is not None}
-        deferred = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # prompts whose first block is being computed this step, by that block's name
+        in_flight = {h: seq for seq, _ in prefills if (h := self.bm.first_block_hash(seq.token_ids)) is not None}
+        deferred, reserved = [], 0   # held back a step, and the blocks they will still need of their own
+        while self.waiting and budget > 0 and len(self.running) + len(deferred) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING:
                 break   # preempted with a token on the way: next step
             h = self.bm.first_block_hash(seq.token_ids)
-            if h in in_flight and not self.bm.is_named(h):
+            shared = self._shared_blocks(seq, in_flight[h]) if h in in_flight and not self.bm.is_named(h) else 0
+            if shared >= MIN_SHARED_BLOCKS:
                 deferred.append(self.waiting.popleft())
+                reserved += -(-len(seq.token_ids) // self.bm.block_size) - shared
                 continue
-            if not self.bm.can_allocate(seq):
+            if not self.bm.can_allocate(seq, reserved):
                 break   # FIFO for memory: nobody overtakes a head that does not fit
             self.waiting.popleft()
             if h is not None:
-                in_flight.add(h)
+                in_flight.setdefault(h, seq)
             cached = self.bm.allocate(seq)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = cached
@@ -131,6 +135,14 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))   # back at the front, in their order
         return decodes, prefills, copies
+
+    def _shared_blocks(self, seq: Sequence, owner: Sequence) -> int:
+        """Leading full blocks of seq's prompt (before its last token) equal to owner's: what it can share."""
+        bs, a, b = self.bm.block_size, seq.token_ids, owner.token_ids
+        n = 0
+        while (n + 1) * bs <= min(len(a) - 1, len(b)) and a[n * bs:(n + 1) * bs] == b[n * bs:(n + 1) * bs]:
+            n += 1
+        return n
 
     def _make_room(self, seq: Sequence) -> bool:
         """Preempt the newest running sequences until `seq` can take its next slot; False if `seq` itself went."""

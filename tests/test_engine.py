@@ -144,6 +144,35 @@ def test_identical_prompts_in_one_batch_compute_the_prompt_once(model):
     assert_all_blocks_free(engine)
 
 
+@pytest.mark.parametrize("limit", [dict(max_num_seqs=2), dict(num_blocks=12)])
+def test_a_held_back_copy_keeps_its_seat_and_blocks(model, limit):
+    """Requests behind a held-back copy go ahead only with what it leaves: with 2 seats nothing passes it;
+    with 12 blocks (8 for the prompt, 1 more for the copy's own last block) one short prompt of 2 does."""
+    gen = torch.Generator().manual_seed(6)
+    shared = torch.randint(0, 128, (30,), generator=gen).tolist()
+    shorts = [torch.randint(0, 128, (7,), generator=gen).tolist() for _ in range(2)]
+    engine = Engine(model, block_size=4, **limit)
+    ids = [engine.add_request(p, GREEDY) for p in [shared, shared, *shorts]]
+    engine.step()
+    expected = [30, 0, 0, 0] if "max_num_seqs" in limit else [30, 0, 7, 0]
+    assert [engine.requests[i].num_computed for i in ids] == expected
+    engine.step()
+    copy = engine.requests[ids[1]]
+    assert copy.num_cached_tokens == 28 and copy.num_computed == 30
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_blocks_free(engine)
+
+
+def test_copies_of_a_short_prompt_are_not_held_back(model):
+    """Two full blocks to share (fewer than MIN_SHARED_BLOCKS): computing them again beats waiting a step."""
+    prompt = list(range(10))
+    engine = Engine(model, block_size=4)
+    ids = [engine.add_request(prompt, GREEDY) for _ in range(3)]
+    engine.step()
+    assert [engine.requests[i].num_computed for i in ids] == [10] * 3
+
+
 def test_reset_prefix_cache(model):
     gen = torch.Generator().manual_seed(5)
     prompt = torch.randint(0, 128, (21,), generator=gen).tolist()

@@ -368,8 +368,9 @@ def test_unappend_slot_returns_a_block_opened_for_that_slot():
 
 def test_first_block_hash_and_reset():
     bm = BlockManager(8, block_size=4)
-    assert bm.first_block_hash([1, 2, 3, 4]) is None          # a full block but nothing after it to sample from
-    h = bm.first_block_hash([1, 2, 3, 4, 5])
+    assert bm.first_block_hash([1, 2, 3]) is None             # not a full block yet
+    h = bm.first_block_hash([1, 2, 3, 4])
+    assert bm.first_block_hash([1, 2, 3, 4, 5]) == h
     assert h is not None and not bm.is_named(h)
     assert BlockManager(8, 4, enable_prefix_caching=False).first_block_hash([1, 2, 3, 4, 5]) is None
     s = Seq(0, [1, 2, 3, 4, 5, 6, 7, 8, 9])

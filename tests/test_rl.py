@@ -160,15 +160,14 @@ def test_rollout_groups_share_their_prompt_and_start_cold():
     """The G answers to a question share its prompt's K/V; each rollout starts from an empty prefix cache
     (the weights may have changed since the last one)."""
     model, prompts = toy_setup(seed=2)
-    long_prompts = [p + p for p in prompts if len(p + p) > 16][:3]
-    assert long_prompts
-    engine = rl.make_engine(model, None, 64, 64)
+    long_prompts = [(p * 20)[:70] for p in prompts[:3]]   # 4 full blocks of 16 before the last token
+    engine = rl.make_engine(model, None, 64, 80)
     params = SamplingParams(max_tokens=4, temperature=1.0)
     seeds = [[rl.sample_seed(9, i, j) for j in range(4)] for i in range(len(long_prompts))]
     for _ in range(2):
-        for p, group in zip(long_prompts, rl.rollout(engine, long_prompts, params, seeds)):
+        for group in rl.rollout(engine, long_prompts, params, seeds):
             assert group[0].num_cached_tokens == 0
-            assert [r.num_cached_tokens for r in group[1:]] == [(len(p) - 1) // 16 * 16] * 3
+            assert [r.num_cached_tokens for r in group[1:]] == [64] * 3
 
 
 def _dist_worker(rank, world, init_file, out_dir):
