@@ -200,6 +200,10 @@ def main(argv=None):
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--serial-requests", type=int, default=4)
     p.add_argument("--skip", default="", help="comma list of rows to skip: compiled,hf,serial,sync")
+    p.add_argument("--groups", type=int, default=0,
+                   help="also this many prompts x --group-size copies each (n > 1, RL groups), with prompt "
+                        "sharing (prefix caching) on and off")
+    p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="timed passes of our engine over the workload")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also profile a window of steady-state steps: GPU kernel table + Python hot spots")
@@ -237,6 +241,11 @@ def main(argv=None):
         sub = reqs[:args.serial_requests]
         rows["serial"], _ = run_engine(model, sub, max_num_seqs=1)
         print(f"serial: {rows['serial']}", flush=True)
+    if args.groups:   # the same workload twice: the copies of a prompt share its K/V, or each computes it
+        greqs = [r for r in workload(args.groups, 100, 1024, cfg.vocab_size, seed=1) for _ in range(args.group_size)]
+        rows["groups_shared"], _ = run_engine(model, greqs)
+        rows["groups_unshared"], _ = run_engine(model, greqs, enable_prefix_caching=False)
+        print(f"groups: shared {rows['groups_shared']}\nunshared {rows['groups_unshared']}", flush=True)
     del model
     torch.cuda.empty_cache()
     if "hf" not in skip:
@@ -251,7 +260,8 @@ def main(argv=None):
            "model": {"depth": cfg.depth, "dim": cfg.dim, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
                      "vocab": cfg.vocab_size, "params": cfg.num_params(), "dtype": "bfloat16"},
            "workload": {"requests": args.requests, "in_out_uniform": [100, 1024], "seed": 0,
-                        "mean_context": sum(len(p) + o / 2 for p, o in reqs) / len(reqs)},
+                        "mean_context": sum(len(p) + o / 2 for p, o in reqs) / len(reqs),
+                        "groups": {"prompts": args.groups, "copies": args.group_size, "seed": 1} if args.groups else None},
            "ceilings": ceil, "roofline_output_tok_per_s": bound, "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
