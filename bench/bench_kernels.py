@@ -87,21 +87,6 @@ def ce_unfused(x, w, y, cap=15.0):
     return F.cross_entropy(logits, y, ignore_index=-1)
 
 
-def ce_kernel_configs_ms(buf, y, losses, scale, C, N):
-    """Median ms of the loss/gradient kernel over all chunks, per config of its autotune list."""
-    from fastchat_core.triton_kernels.softcap_ce import CONFIGS, _softcap_ce_kernel
-    out = {}
-    for bv, warps in CONFIGS:
-        def step():
-            for s0 in range(0, N, C):
-                rows = min(C, N - s0)
-                _softcap_ce_kernel.fn[(rows,)](
-                    buf, y[s0:s0 + rows], scale, losses[s0:s0 + rows], buf.shape[1], buf.stride(0), 0, 15.0, -1,
-                    HAS_CAP=True, WRITE_GRAD=True, FAST=True, BLOCK_V=bv, num_warps=warps)
-        out[f"BLOCK_V={bv} warps={warps}"] = median_ms(step)
-    return out
-
-
 @pytest.mark.parametrize("shape", ["d12", "d20"])
 @pytest.mark.parametrize("impl", ["eager", "compile", "liger", "ours", "ours_gemms_only", "ours_kernel_only",
                                   "ours_kernel_only_exact_tanh"])
@@ -151,21 +136,22 @@ def test_softcap_ce(benchmark, shape, impl):
         # the special-function unit bounds it too (see bench/NOTES.md).
         # The _exact_tanh row is the same kernel with tanh from exp2 and a reciprocal (one more op).
         fast = not impl.endswith("_exact_tanh")
-        from fastchat_core.triton_kernels.softcap_ce import (_KERNEL_CHUNK_BYTES, _chunk_rows, _softcap_ce_kernel,
-                                                             loss_and_grad_)
+        from fastchat_core.triton_kernels.softcap_ce import (_KERNEL_CHUNK_BYTES, CONFIGS, _chunk_rows,
+                                                             _softcap_ce_kernel, loss_and_grad_)
         C = _chunk_rows(None, V, 2, _KERNEL_CHUNK_BYTES)
         buf = (torch.randn(C, V, device="cuda") * 4).bfloat16()
         losses, scale = torch.empty(N, device="cuda"), torch.ones(1, device="cuda")
 
-        def step():
+        def step(config=None):
             for s0 in range(0, N, C):
                 rows = min(C, N - s0)
-                loss_and_grad_(buf[:rows], y[s0:s0 + rows], scale, losses[s0:s0 + rows], 15.0, -1, fast_tanh=fast)
+                loss_and_grad_(buf[:rows], y[s0:s0 + rows], scale, losses[s0:s0 + rows], 15.0, -1, fast_tanh=fast,
+                               config=config)
         nbytes = 2 * N * V * 2
         row = record(benchmark, "softcap_ce", shape, impl, step,
                      nbytes / ceilings.measure()["copy_bw_Bps"] * 1e3, nbytes, "tbps")
         if fast:   # each of the autotuner's configs alone, and the one it chose
-            row["configs_ms"] = ce_kernel_configs_ms(buf, y, losses, scale, C, N)
+            row["configs_ms"] = {f"BLOCK_V={bv} warps={w}": median_ms(lambda: step((bv, w))) for bv, w in CONFIGS}
             best = _softcap_ce_kernel.best_config
             row["chosen"] = f"BLOCK_V={best.kwargs['BLOCK_V']} warps={best.num_warps}"
         return

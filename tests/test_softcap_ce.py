@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastchat_core.triton_kernels.softcap_ce import (softcap_ce_into, softcap_ce_reference, softcap_ce_triton)
+from fastchat_core.triton_kernels.softcap_ce import (loss_and_grad_, softcap_ce_into, softcap_ce_reference,
+                                                     softcap_ce_triton)
 
 # On a GPU machine the Triton path runs for real; without one, under the interpreter (tests/conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,6 +166,20 @@ def test_clear_errors(impl):
         fn(x[None], w, t[None])
     with pytest.raises(ValueError, match="targets"):
         fn(x, w, t.float())
+
+
+def test_a_fixed_config_matches_the_autotuned_kernel():
+    """The benchmark times each config through loss_and_grad_(config=...): same losses and gradients."""
+    x, w, t = make_inputs(torch.float32)
+    logits = x @ w.T
+    outs = []
+    for config in (None, (64, 2)):   # 64 < V=203: the loop over V with a ragged tail
+        buf, losses = logits.clone(), torch.full((N,), float("nan"), device=DEVICE)
+        loss_and_grad_(buf, t, torch.full((1,), 0.5, device=DEVICE), losses, 15.0, -1, config=config)
+        outs.append((losses, buf))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(outs[1][1], logits)   # the gradient was written over the logits
 
 
 # ----------------------------------------------------------------------------------------------------

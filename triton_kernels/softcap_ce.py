@@ -226,13 +226,12 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride
         # Pass 2: the gradient, over the logits (each element is read before this program overwrites it).
         if WRITE_GRAD:
             scale = tl.load(scale_ptr + row * scale_stride)
-            shift = (softcap - lse) * LOG2E
             for start in range(0, V, BLOCK_V):
                 mask = start + cols < V
                 logits = tl.load(row_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
                 if HAS_CAP:
                     t, dt = _tanh(logits * inv_cap, FAST)
-                    p = tl.exp2((t - 1.0) * cap_log2e + shift)   # exp(z - c) * exp(c - lse)
+                    p = tl.exp2((t - 1.0) * cap_log2e + (softcap - lse) * LOG2E)   # exp(z - c) * exp(c - lse)
                 else:
                     p = tl.exp2((logits - lse) * LOG2E)
                 is_target = start + cols == target
@@ -242,16 +241,21 @@ def _softcap_ce_kernel(logits_ptr, targets_ptr, scale_ptr, losses_ptr, V, stride
                 tl.store(row_ptr + start + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def loss_and_grad_(logits, targets, scale, losses, softcap, ignore_index, write_grad=True, fast_tanh=None):
+def loss_and_grad_(logits, targets, scale, losses, softcap, ignore_index, write_grad=True, fast_tanh=None,
+                   config=None):
     """The Triton kernel on one chunk's (C, V) logits: losses (C,) fp32, and with write_grad the logits
     are overwritten by scale * d(loss)/d(logits). scale: fp32, (1,) or (C,). fast_tanh (default: for
-    16-bit logits, whose own rounding is as large; never in the interpreter): see _tanh."""
+    16-bit logits, whose own rounding is as large; never in the interpreter): see _tanh. config: one
+    (BLOCK_V, num_warps) of CONFIGS instead of the autotuned choice (the benchmark times each)."""
     if fast_tanh is None:
         fast_tanh = logits.element_size() == 2
     fast_tanh = fast_tanh and not _INTERPRET
-    _softcap_ce_kernel[(logits.shape[0],)](
+    kernel, extra = _softcap_ce_kernel, {}
+    if config is not None:
+        kernel, extra = _softcap_ce_kernel.fn, dict(BLOCK_V=config[0], num_warps=config[1])
+    kernel[(logits.shape[0],)](
         logits, targets, scale, losses, logits.shape[1], logits.stride(0), 0 if scale.numel() == 1 else 1,
-        float(softcap or 1.0), ignore_index, HAS_CAP=bool(softcap), WRITE_GRAD=write_grad, FAST=fast_tanh)
+        float(softcap or 1.0), ignore_index, HAS_CAP=bool(softcap), WRITE_GRAD=write_grad, FAST=fast_tanh, **extra)
 
 
 def softcap_ce_into(x, weight, targets, scale, losses, grad_x=None, grad_weight=None,
