@@ -1,16 +1,33 @@
 """Running model-written Python: the calculator tool (GSM8K-style) and HumanEval solution checking.
 
 `calculator` evaluates pure arithmetic in-process through the AST, so the common case costs microseconds.
-Anything else goes to `run_python`: a fresh `python -I` child with a minimal environment, a temporary
-working directory, resource limits (address space, CPU seconds, no core files, no file growth), a
-wall-clock kill, and Python-level guards that refuse sockets, subprocesses, file writes and deletions.
-
-This is a BEST-EFFORT SANDBOX, NOT A SECURITY BOUNDARY. It stops the accidents a small model makes (endless
-loops, huge allocations, stray file writes, a reward-hacking sys.exit) but code determined to escape can
-(ctypes, restoring patched functions from C modules, ...). For untrusted users, run it in a container or VM.
+Anything else goes to `run_python`, which runs the code in an operating-system sandbox (sandbox.py). The
+code is treated as hostile and as knowing this implementation. What is guaranteed (x86_64 Linux):
+- It sees only a read-only copy of the Python stdlib and the system libraries (/usr/lib, /lib) and a private
+  32 MiB tmpfs at /tmp (its working directory): no /etc, /proc, /dev, /home, /root, project or checkpoint
+  files, and nothing of the caller's environment (it starts empty). It can write only that tmpfs.
+- No network of any kind (a fresh network namespace, and no socket family but AF_UNIX, whose names are
+  per namespace too). No new programs (execve is refused), no ptrace, mounts, namespaces, io_uring, bpf,
+  keyrings or other rarely needed syscalls (a seccomp filter, with no_new_privs).
+- It runs as an unprivileged uid (a fresh one per call when the caller is root; otherwise the caller's uid
+  in a user namespace, with no capabilities) in its own pid namespace: it cannot see or signal anything
+  outside its own processes, and every process it starts dies when the call ends. The call returns within
+  `timeout` plus about 0.1 s, whatever the code does.
+- Limits per call: `memory_mb` of address space per process, at most 16 processes and threads, 64 open
+  files, CPU seconds, file size; its output reaches the caller capped at MAX_OUTPUT characters (the first
+  part and the last 500), so the caller's memory does not grow with it.
+- Results come from the trusted supervisor (pid 1 of the namespace), never from the code: `ok` is the
+  worker's exit status (a self-report: code may exit 0 early); `check_program(..., tests=, entry_point=)`
+  runs the tests in the supervisor, calling the solution in the worker across a pipe with plain data both
+  ways, so a pass cannot be forged by exiting, writing to fds, patching builtins or returning objects with
+  a lying __eq__. It can still be earned by a solution that special-cases the tests' inputs.
+Not guaranteed: protection against kernel bugs (the usual limit of namespaces + seccomp), or fairness of
+CPU between concurrent calls. If namespaces or seccomp are unavailable, the python tool refuses to run
+(ok=False, the error says why); it never runs code unsandboxed. Calculator-class calls cost about 30 ms
+(bench/results/sandbox.json).
 """
 import ast
-import json
+import marshal
 import math
 import operator
 import os
@@ -18,11 +35,13 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import traceback
+from pathlib import Path
 from typing import NamedTuple
 
 MAX_OUTPUT = 4000   # characters of captured output kept; a tool result must fit in the model's context
+MAX_CODE = 1 << 20   # characters of code (and tests) accepted
+_SANDBOX = str(Path(__file__).with_name("sandbox.py"))
 
 
 class ToolResult(NamedTuple):
@@ -30,152 +49,64 @@ class ToolResult(NamedTuple):
     output: str    # printed text, then the REPL-style value of a final expression or the error
 
 
-# The child process. It sets its limits and guards, then runs the code like a REPL cell: a final expression
-# statement has its repr printed. Its result goes back as one JSON object on a saved copy of stdout, while
-# fds 1 and 2 point at /dev/null, so code writing to them directly cannot flood the parent.
-_CHILD = r'''
-import _socket, ast, builtins, io, json, math, os, resource, shutil, signal, socket, subprocess, sys, traceback
-
-timeout, memory_mb, max_output = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-code = sys.stdin.read()
-
-
-class Capped(io.TextIOBase):
-    """stdout and stderr of the code: keeps the first max_output characters."""
-    def __init__(self):
-        self.parts, self.size, self.truncated = [], 0, False
-
-    def writable(self):
-        return True
-
-    def write(self, s):
-        room = max_output - self.size
-        if len(s) > room:
-            s, self.truncated = s[:max(room, 0)], True
-        self.parts.append(s)
-        self.size += len(s)
-        return len(s)
-
-    def getvalue(self):
-        return "".join(self.parts).rstrip("\n") + ("\n... [output truncated]" if self.truncated else "")
-
-
-def refuse(what):
-    def refused(*args, **kwargs):
-        raise PermissionError(f"{what} is disabled in the sandbox")
-    return refused
-
-
-def install_guards():
-    real_open, real_os_open = builtins.open, os.open
-
-    def open_read_only(file, mode="r", *args, **kwargs):
-        if set(mode) & set("wax+"):
-            raise PermissionError("writing files is disabled in the sandbox")
-        return real_open(file, mode, *args, **kwargs)
-
-    def os_open_read_only(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC):
-            raise PermissionError("writing files is disabled in the sandbox")
-        return real_os_open(path, flags, *args, **kwargs)
-
-    builtins.open = io.open = open_read_only
-    os.open = os_open_read_only
-    for name in ("remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "mkdir",
-                 "makedirs", "link", "symlink", "truncate", "ftruncate", "chmod", "chown", "chdir", "fchdir",
-                 "chroot", "kill", "killpg", "fork", "forkpty", "system", "popen",
-                 "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
-                 "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-                 "posix_spawn", "posix_spawnp", "setuid", "setgid"):
-        if hasattr(os, name):
-            setattr(os, name, refuse(f"os.{name}"))
-    for name in ("rmtree", "move", "copy", "copy2", "copyfile", "copytree", "chown"):
-        setattr(shutil, name, refuse(f"shutil.{name}"))
-    subprocess.Popen = refuse("starting processes")
-    for module in (socket, _socket):
-        class NoSocket(module.socket):   # still a class, so library code that subclasses it imports fine
-            __init__ = refuse("network access")
-        module.socket = NoSocket
-        for name in ("socketpair", "fromfd", "getaddrinfo", "gethostbyname"):
-            setattr(module, name, refuse("network access"))
-
-
-def run(code):
-    tree = ast.parse(code, "<sandbox>")
-    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-    scope = {"__name__": "__main__", "__builtins__": builtins}
-    exec(compile(tree, "<sandbox>", "exec"), scope)
-    if last is not None:
-        value = eval(compile(ast.Expression(last.value), "<sandbox>", "eval"), scope)
-        if value is not None:
-            print(repr(value))
-
-
-out = Capped()
-write, dumps = os.write, json.dumps   # kept before the code runs: it could replace the module attributes
-result_fd = os.dup(1)
-devnull = os.open(os.devnull, os.O_WRONLY)
-os.dup2(devnull, 1)
-os.dup2(devnull, 2)
-sys.stdout = sys.stderr = out
-memory = memory_mb * 2**20
-cpu = math.ceil(timeout) + 1
-resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the size limit then fails instead of killing
-install_guards()
-ok, error = True, ""
-try:
-    run(code)
-except BaseException as e:   # SystemExit too: exiting early must not count as passing the tests
-    ok, error = False, "".join(traceback.format_exception_only(e))
-out.write(error)   # the traceback (and a memory bomb's garbage with it) is released by now
-write(result_fd, dumps({"ok": ok, "output": out.getvalue()}).encode())
-'''
-
-
-# No secrets from the parent's environment; one BLAS thread, so numpy fits the memory limit and one core.
-_CHILD_ENV = {"PATH": os.defpath, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
 def run_python(code: str, timeout: float = 3.0, memory_mb: int = 256) -> ToolResult:
-    """Run `code` in a sandboxed child process; `timeout` is wall-clock seconds, interpreter start included."""
-    args = [sys.executable, "-I", "-c", _CHILD, str(timeout), str(memory_mb), str(MAX_OUTPUT)]
-    with tempfile.TemporaryDirectory(prefix="fastchat-sandbox-") as cwd:
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=_CHILD_ENV, start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(code.encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)   # its whole session: anything it managed to start too
-            proc.communicate()
-            return ToolResult(False, f"TimeoutError: killed after {timeout:g} s")
-    try:
-        result = json.loads(stdout)
-        return ToolResult(bool(result["ok"]), str(result["output"]))
-    except (ValueError, KeyError, TypeError):
-        return ToolResult(False, _describe_crash(proc.returncode, stderr))
+    """Run `code` in the sandbox; `timeout` is wall-clock seconds, sandbox start-up included."""
+    return _sandboxed({"program": code}, timeout, memory_mb)
 
 
-def check_program(program: str, timeout: float = 3.0) -> tuple[bool, str]:
-    """Run a HumanEval-style program (solution + tests + check call): (passed, last error line or '')."""
-    result = run_python(program, timeout=timeout)
+def check_program(program: str, timeout: float = 3.0, *, tests: str | None = None,
+                  entry_point: str | None = None) -> tuple[bool, str]:
+    """Check a HumanEval-style solution: (passed, last error line or '').
+
+    With `tests` (code defining `check(candidate)`, trusted) and `entry_point`, the tests run apart from the
+    untrusted `program` and call its `entry_point` function across a pipe: the verdict cannot be forged.
+    Without them, `program` holds solution and tests together and passes when it runs to its end, which
+    the program itself reports: use that form only for trusted code.
+    """
+    if (tests is None) != (entry_point is None):
+        raise ValueError("check_program: pass both tests= and entry_point=, or neither")
+    request = {"program": program} if tests is None else {"program": program, "tests": tests,
+                                                          "entry_point": entry_point}
+    result = _sandboxed(request, timeout, 256)
     if result.ok:
         return True, ""
     lines = result.output.strip().splitlines()
     return False, lines[-1] if lines else "failed without output"
 
 
-def _describe_crash(returncode: int, stderr: bytes) -> str:
-    if returncode == -signal.SIGXCPU:
+def _sandboxed(request: dict, timeout: float, memory_mb: int) -> ToolResult:
+    if sum(len(v) for v in request.values()) > MAX_CODE:
+        return ToolResult(False, f"ValueError: the code is longer than {MAX_CODE} characters")
+    request.update(memory_mb=int(memory_mb), cpu_seconds=math.ceil(timeout) + 1, max_output=MAX_OUTPUT)
+    # An empty environment, no inherited fds, its own session so a timeout can kill the whole group.
+    proc = subprocess.Popen([sys.executable, "-I", "-S", _SANDBOX], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd="/", env={}, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(marshal.dumps(request), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)   # the launcher; the namespace's pid 1 dies with it, then all of it
+        proc.communicate()
+        return ToolResult(False, f"TimeoutError: killed after {timeout:g} s")
+    try:
+        result = ast.literal_eval(stdout.decode().splitlines()[-1])   # from the trusted supervisor
+        assert isinstance(result, dict)
+    except (ValueError, IndexError, SyntaxError, AssertionError, MemoryError, RecursionError):
+        return ToolResult(False, f"the python tool failed (exit code {proc.returncode}): "
+                                 f"{stderr.decode(errors='replace').strip()[-MAX_OUTPUT:] or 'no error output'}")
+    if "unavailable" in result:
+        return ToolResult(False, "the python tool is unavailable: its sandbox needs x86_64 Linux with namespaces "
+                                 "(run as root, or with unprivileged user namespaces enabled) and libseccomp "
+                                 f"(libseccomp2). The error was: {result['unavailable']}")
+    output = str(result["output"])
+    if result.get("exit", 0) < 0:   # killed by a signal: say which, after what it printed
+        output += "\n" + _describe_signal(-result["exit"])
+    return ToolResult(bool(result["ok"]), output.strip("\n"))
+
+
+def _describe_signal(signum: int) -> str:
+    if signum == signal.SIGXCPU:
         return "TimeoutError: CPU time limit exceeded"
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        return f"the program was killed by {name} (out of memory or another resource limit)"
-    tail = stderr.decode(errors="replace").strip()[-MAX_OUTPUT:]
-    return f"the sandbox failed (exit code {returncode}): {tail or 'no error output'}"
+    return f"the program was killed by {signal.Signals(signum).name} (out of memory or another resource limit)"
 
 
 # ---- calculator: pure arithmetic without a subprocess ----------------------------------------------------

@@ -1,5 +1,6 @@
 """Chat tasks: GSM8K tool-call conversion and answer extraction, rendering with the loss mask, MMLU/ARC
 letters, mixtures, HumanEval grading, the generated tasks' tool outputs, and ChatCORE on a tiny model."""
+import concurrent.futures
 import gzip
 import json
 import re
@@ -16,7 +17,7 @@ from fastchat_core.tasks.arithmetic import Arithmetic
 from fastchat_core.tasks.base import ListTask, TaskMixture, multiple_choice
 from fastchat_core.tasks.conversations import VAL_EVERY, Conversations
 from fastchat_core.tasks.gsm8k import GSM8K, extract_answer, gsm8k_conversation, same_number
-from fastchat_core.tasks.humaneval import HumanEval, extract_code
+from fastchat_core.tasks.humaneval import HumanEval, check_completion, extract_code
 from fastchat_core.tasks.identity import Identity
 from fastchat_core.tasks.mmlu import MMLU
 from fastchat_core.tasks.spelling import Spelling, SpellingCount
@@ -198,6 +199,17 @@ def test_humaneval_canonical_passes_and_wrong_fails(data_dir):
         assert task.check(conv, f"Here you go:\n```python\n{conv['messages'][1]['content']}```\nDone.")
         assert not task.check(conv, "    return None\n")
         assert not task.check(conv, body.replace("return", "return not", 1))
+
+
+def test_humaneval_every_canonical_solution_passes_the_split_judge(data_dir):
+    """The tests run apart from the solution (tools.check_program with tests=): every reference solution must
+    still pass, including the items whose tests call the entry point by name or the prompt's helpers."""
+    task = HumanEval()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda item: check_completion(item, item["canonical_solution"]), task.items))
+    assert [r for r in results if not r[0]] == []
+    reward_hack = "    import os\n    os._exit(0)\n"   # passed the one-program form before the split
+    assert [check_completion(item, reward_hack)[0] for item in task.items[:8]] == [False] * 8
 
 
 def test_extract_code():

@@ -57,36 +57,29 @@ def test_memory_bomb_is_limited():
     assert run_python("len(bytearray(50 * 10**6))", memory_mb=256).output == str(50 * 10**6)   # below the limit
 
 
-def test_file_writes_refused(tmp_path):
-    target = tmp_path / "out.txt"
-    for code in [f"open({str(target)!r}, 'w').write('x')",
-                 f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')",
-                 f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)"]:
-        r = run_python(code)
-        assert not r.ok and "PermissionError" in r.output, code
-    assert not target.exists()
-    existing = tmp_path / "keep.txt"
-    existing.write_text("data")
-    r = run_python(f"import os\nos.remove({str(existing)!r})")
-    assert not r.ok and existing.exists()
-    assert run_python(f"open({str(existing)!r}).read()").output == "'data'"   # reading is allowed
+def test_files_are_private_to_the_call(tmp_path):
+    """The working dir is a private tmpfs: usable within a call, empty in the next; host files are not there."""
+    host = tmp_path / "keep.txt"
+    host.write_text("data")
+    assert run_python("open('notes.txt', 'w').write('abc')\nopen('notes.txt').read()") == (True, "'abc'")
+    assert run_python("import os\nos.listdir('.')") == (True, "[]")
+    r = run_python(f"open({str(host)!r}).read()")
+    assert not r.ok and "FileNotFoundError" in r.output
+    r = run_python(f"import os\nos.remove({str(host)!r})")
+    assert not r.ok and host.read_text() == "data"
 
 
-def test_network_refused():
+def test_network_and_programs_refused():
     r = run_python("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)")
-    assert not r.ok and "network access is disabled" in r.output
-    r = run_python("import urllib.request\nurllib.request.urlopen('http://127.0.0.1:1')")
-    assert not r.ok and "network access is disabled" in r.output
-
-
-def test_processes_refused():
-    r = run_python("import subprocess\nsubprocess.run(['true'])")
     assert not r.ok and "PermissionError" in r.output
+    r = run_python("import subprocess\nsubprocess.run(['/bin/sh', '-c', 'true'])")
+    assert not r.ok and ("PermissionError" in r.output or "FileNotFoundError" in r.output)
 
 
 def test_output_truncated():
-    r = run_python("print('x' * 100_000)")
-    assert r.ok and r.output.count("x") == MAX_OUTPUT and r.output.endswith("[output truncated]")
+    r = run_python("print('x' * 100_000)\nprint('the end')")
+    head, tail = r.output.split("\n... [output truncated] ...\n")
+    assert r.ok and head == "x" * MAX_OUTPUT and tail.endswith("the end") and len(tail) <= 500
 
 
 SOLUTION = '''
@@ -114,3 +107,15 @@ def test_check_program():
     assert not passed and error == "AssertionError"
     passed, error = check_program("def add_digits(n):\n    while True: pass\n" + TESTS, timeout=1.0)
     assert not passed and "Timeout" in error
+
+
+def test_check_program_with_separate_tests():
+    tests = TESTS.replace("check(add_digits)", "")
+    assert check_program(SOLUTION, tests=tests, entry_point="add_digits") == (True, "")
+    assert check_program(WRONG_SOLUTION, tests=tests, entry_point="add_digits") == (False, "AssertionError")
+    # what passes the one-program form by ending the process early fails here
+    forged = SOLUTION.replace("return sum", "return 0 * sum") + "import os\nos._exit(0)\n"
+    assert check_program(forged + TESTS)[0]
+    assert not check_program(forged, tests=tests, entry_point="add_digits")[0]
+    with pytest.raises(ValueError):
+        check_program(SOLUTION, tests=tests)

@@ -1,9 +1,10 @@
 """HumanEval (164 Python functions with unit tests): generative eval only.
 
 The user turn is the problem's prompt (signature + docstring); the reference reply is the whole function.
-A reply passes when prompt + reply + the tests + check(entry_point) runs cleanly in the sandbox. Both reply
-styles work: a bare body continues the prompt's function, and a full `def` (what chat models usually
-write) redefines it, since the prompt's docstring alone is a valid function body.
+A reply passes when the problem's tests pass against prompt + reply in the sandbox. The tests run apart
+from the reply's code (tools.check_program with tests=), so a reply cannot fake a pass. Both reply styles
+work: a bare body continues the prompt's function, and a full `def` (what chat models usually write)
+redefines it, since the prompt's docstring alone is a valid function body.
 """
 import re
 
@@ -19,9 +20,10 @@ def extract_code(reply: str) -> str:
     return m.group(1) if m else reply
 
 
-def humaneval_program(item: dict, completion: str) -> str:
-    """The program that tests a completion: prompt, completion, the test code, and the check call."""
-    return f"{item['prompt']}{completion}\n\n{item['test']}\n\ncheck({item['entry_point']})\n"
+def check_completion(item: dict, completion: str, timeout: float = 5.0) -> tuple[bool, str]:
+    """Run the item's tests against prompt + completion. The tests get the prompt too: some call its helpers."""
+    return tools.check_program(item["prompt"] + completion, timeout=timeout,
+                               tests=f"{item['prompt']}\n\n{item['test']}\n", entry_point=item["entry_point"])
 
 
 class HumanEval(Task):
@@ -40,5 +42,4 @@ class HumanEval(Task):
                 "task_id": r["task_id"], "prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"]}
 
     def check(self, conversation, reply, timeout: float = 5.0):
-        passed, _ = tools.check_program(humaneval_program(conversation, extract_code(reply)), timeout=timeout)
-        return passed
+        return check_completion(conversation, extract_code(reply), timeout)[0]
