@@ -1,4 +1,7 @@
 """The calculator fast path and the sandboxed Python runner (each run_python call starts a small child)."""
+import ast
+import subprocess
+import sys
 import time
 
 import pytest
@@ -119,3 +122,23 @@ def test_check_program_with_separate_tests():
     assert not check_program(forged, tests=tests, entry_point="add_digits")[0]
     with pytest.raises(ValueError):
         check_program(SOLUTION, tests=tests)
+
+
+def test_refuses_to_run_without_isolation(tmp_path):
+    """Where namespaces are unavailable (here: unshare denied by a seccomp filter on the caller), the tool
+    refuses with an error saying why, and the code never runs: it would have created the marker."""
+    marker = tmp_path / "ran"
+    script = f"""
+import ctypes
+lib = ctypes.CDLL("libseccomp.so.2")
+lib.seccomp_init.restype = ctypes.c_void_p
+ctx = ctypes.c_void_p(lib.seccomp_init(0x7fff0000))
+assert lib.seccomp_rule_add(ctx, 0x50001, lib.seccomp_syscall_resolve_name(b"unshare"), 0) == 0
+assert lib.seccomp_load(ctx) == 0
+from fastchat_core.tools import run_python
+print(repr(tuple(run_python("open({str(marker)!r}, 'w').write('x')"))))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    ok, output = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert not ok and "the python tool is unavailable" in output and "unshare" in output
+    assert not marker.exists()
