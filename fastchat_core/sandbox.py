@@ -181,12 +181,12 @@ def supervise(request, seccomp, worker_id, lifeline):
 
 
 def build_root(worker_id):
-    """A tmpfs root holding read-only binds of the stdlib and system libraries, and a writable /tmp."""
+    """A tmpfs root holding read-only binds of the stdlib and the system libraries, and a writable /tmp."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)   # nothing below propagates back to the host
     new = "/tmp"   # any existing directory will do as the mount point: this mount is ours alone
     mount("sandbox", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     stdlib = [p for p in sys.path if os.path.isdir(p)]   # -I -S: the stdlib and lib-dynload only
-    system = [p for p in ("/usr/lib", "/usr/lib64", "/lib", "/lib64") if os.path.isdir(p)]
+    system = library_dirs()
     bound = []
     for path in sorted(set(map(os.path.realpath, stdlib + system))):
         if any(path.startswith(b + "/") for b in bound):
@@ -210,6 +210,16 @@ def build_root(worker_id):
     call(libc.umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/tmp")
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def library_dirs():
+    """Where the stdlib's extension modules find their shared libraries (libffi, libz, libcrypto...): the
+    multiarch or lib64 directories, and those of every library loaded now; not all of /usr/lib."""
+    arch = os.uname().machine + "-linux-gnu"
+    dirs = {p for p in (f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/lib64", "/lib64") if os.path.isdir(p)}
+    with open("/proc/self/maps") as f:
+        dirs |= {os.path.dirname(line.split()[-1]) for line in f if ".so" in line and "/" in line}
+    return sorted(d for d in dirs if os.path.isdir(d)) or ["/usr/lib", "/lib"]
 
 
 def confine(seccomp, worker_id, memory_mb, cpu_seconds):

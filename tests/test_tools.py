@@ -142,3 +142,11 @@ print(repr(tuple(run_python("open({str(marker)!r}, 'w').write('x')"))))
     ok, output = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     assert not ok and "the python tool is unavailable" in output and "unshare" in output
     assert not marker.exists()
+
+
+def test_stdlib_with_its_shared_libraries_works():
+    """Extension modules load their system libraries (libffi, libcrypto, libsqlite3, liblzma...) in the sandbox."""
+    code = ("import bz2, ctypes, decimal, hashlib, lzma, sqlite3, ssl, zlib\n"
+            "print(hashlib.sha256(b'a').hexdigest()[:8], decimal.Decimal('1.1') + 2)\n"
+            "sqlite3.connect(':memory:').execute('select 6*7').fetchone()[0]")
+    assert run_python(code) == (True, "ca978112 3.1\n42")
