@@ -36,7 +36,7 @@ SYS_PIVOT_ROOT, SYS_CAPSET = 155, 126   # x86_64; other architectures are refuse
 
 TMP_BYTES = 32 << 20        # the private /tmp: enough for scratch files, too small to hurt the host
 MAX_FILES = 64
-MAX_TASKS = 16              # processes + threads of one call (with memory_mb each, this bounds its memory)
+MAX_TASKS = 8               # processes + threads of one call (with memory_mb each, this bounds its memory)
 MAX_MESSAGE = 1 << 20       # one proxy call's arguments or result, encoded
 SETUP_FAILED = 125          # worker exit status: its confinement could not be applied (never runs the code)
 

@@ -13,7 +13,7 @@ code is treated as hostile and as knowing this implementation. What is guarantee
   in a user namespace, with no capabilities) in its own pid namespace: it cannot see or signal anything
   outside its own processes, and every process it starts dies when the call ends. The call returns within
   `timeout` plus about 0.1 s, whatever the code does.
-- Limits per call: `memory_mb` of address space per process, at most 16 processes and threads, 64 open
+- Limits per call: `memory_mb` of address space per process, at most 8 processes and threads, 64 open
   files, CPU seconds, file size; its output reaches the caller capped at MAX_OUTPUT characters (the first
   part and the last 500), so the caller's memory does not grow with it.
 - Results come from the trusted supervisor (pid 1 of the namespace), never from the code: `ok` is the
