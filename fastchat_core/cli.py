@@ -59,7 +59,13 @@ def main(argv=None):
     else:
         print(f"fastchat: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    result = importlib.import_module(module).main(rest)
+    from fastchat_core.checkpoint import CheckpointError
+    from fastchat_core.data import DataError
+    try:
+        result = importlib.import_module(module).main(rest)
+    except (CheckpointError, DataError) as e:   # a damaged file is the user's to fix: say which, no traceback
+        print(f"fastchat {' '.join(argv[:2] if cmd in GROUPS else argv[:1])}: error: {e}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

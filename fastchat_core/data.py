@@ -6,6 +6,8 @@ Sources are a folder (searched recursively, files sorted by path) or one file of
   .txt / .txt.gz      one document per file; a file over TXT_DOC_CHARS characters (a book, a dump) is instead
                       split at blank lines, one document per block, so that a multi-gigabyte file is streamed
                       rather than held and tokenized as one string, and documents start at paragraph starts
+A file that cannot be read as its name says (not UTF-8, a truncated .gz, a bad JSON line, a damaged parquet file)
+raises DataError naming the file and the line, byte or row group where reading failed.
 Splits: "train" is every file but the last, "val" the last file. With a single file there is no file to hold
 out, so its documents are split 99:1 instead: every 100th document (index 99, 199, ...) is validation. The
 interleaving needs no document count up front, which a stream does not have.
@@ -37,9 +39,11 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -63,6 +67,13 @@ DEFAULT_SOURCES = {
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading documents
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as its name says; the message names the file, where in it, and the fix."""
+
+
+FIX = "repair or download the file again, or move it out of the data folder"
 
 
 def list_files(path) -> list[Path]:
@@ -94,21 +105,56 @@ def _split(path, split):
     return files, lambda i: i % VAL_EVERY == VAL_EVERY - 1
 
 
-def _open_text(path, errors="strict"):
+def _open_text(path, mode="rt"):
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors=errors)
-    return open(path, encoding="utf-8", errors=errors)
+        return gzip.open(path, mode, encoding="utf-8" if mode == "rt" else None)
+    return open(path, mode, encoding="utf-8" if mode == "rt" else None)
+
+
+def _unreadable(path, error) -> DataError:
+    """The DataError for a text file that failed to decode (`error`). Text mode cannot say where, so on this error
+    path only the file is read again as bytes to find the line and byte of the invalid UTF-8 or of the cut."""
+    line, offset, carry = 1, 0, b""  # where `data` starts (in the uncompressed text)
+    try:
+        with _open_text(path, "rb") as f:
+            while True:
+                chunk = f.read1(1 << 20)  # read1: a .gz cut short still hands over what it decompressed
+                data, carry = carry + chunk, b""
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if not chunk or e.end < len(data):
+                        line, offset = line + data.count(b"\n", 0, e.start), offset + e.start
+                        problem = f"invalid UTF-8 ({e.reason}): convert the file to UTF-8, or {FIX}"
+                        break
+                    data, carry = data[:e.start], data[e.start:]  # a character cut by the chunk's end
+                if not chunk:  # it decodes now: the file changed while it was read
+                    return DataError(f"{path}: {error}: {FIX}")
+                line, offset = line + data.count(b"\n"), offset + len(data)
+    except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
+        problem = f"{e}: {FIX}"
+    uncompressed = " of the uncompressed text" if path.name.endswith(".gz") else ""
+    return DataError(f"{path} line {line}, byte {offset}{uncompressed}: {problem}")
 
 
 def _parquet_docs(path, start, owns):
-    with pq.ParquetFile(path) as pf:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: its footer (the file's last bytes) is unreadable ({e}): {FIX}") from None
+    with pf:
         if "text" not in pf.schema_arrow.names:
-            raise ValueError(f"{path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+            raise DataError(f"{path} has no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
         first = 0  # index of the row group's first row within the file
         for group in range(pf.num_row_groups):
             n = pf.metadata.row_group(group).num_rows
             if first + n > start and owns(group):  # a rank decodes only its own row groups
-                texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
+                try:
+                    texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
+                except (pa.ArrowException, OSError) as e:
+                    col = pf.metadata.row_group(group).column(0)
+                    at = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+                    raise DataError(f"{path} row group {group} (from byte {at}) is unreadable ({e}): {FIX}") from None
                 for i in range(max(start - first, 0), n):
                     yield first + i, texts[i]
             first += n
@@ -122,15 +168,15 @@ def _jsonl_docs(path, start, owns):
             try:
                 text = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path} line {i + 1}: expected a JSON object with a 'text' field ({e!r})") from None
+                raise DataError(f"{path} line {i + 1}: expected a JSON object with a 'text' field ({e!r})") from None
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"{path} line {i + 1}: 'text' must be a string, got {type(text).__name__}")
+                raise DataError(f"{path} line {i + 1}: 'text' must be a string, got {type(text).__name__}")
             yield i, text
 
 
 def _txt_blocks(path):
     """The whole file as one document, or its blank-line separated blocks when it is over TXT_DOC_CHARS."""
-    with _open_text(path, errors="replace") as f:
+    with _open_text(path) as f:
         head = f.read(TXT_DOC_CHARS + 1)
         if len(head) <= TXT_DOC_CHARS:
             yield head
@@ -161,9 +207,12 @@ def _docs(path, start=0, owns=lambda unit: True):
     """
     name = path.name
     reader = _parquet_docs if name.endswith(".parquet") else _jsonl_docs if ".jsonl" in name else _txt_docs
-    for i, text in reader(path, start, owns):
-        if text:
-            yield i, text
+    try:
+        for i, text in reader(path, start, owns):
+            if text:
+                yield i, text
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise _unreadable(path, e) from None
 
 
 def iter_texts(path, split=None):

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from fastchat_core import ops
-from fastchat_core.checkpoint import (latest_checkpoint, load_checkpoint, load_meta, resolve_checkpoint,
-                                      save_checkpoint)
+from fastchat_core.checkpoint import (CheckpointError, load_checkpoint, load_meta, resolve_checkpoint,
+                                      resume_checkpoint, save_checkpoint)
 from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, data_root, home_dir, print0, setup_run
 from fastchat_core.config import ModelConfig
 from fastchat_core.eval.bpb import evaluate_bpb
@@ -58,7 +58,10 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=42)
     g = p.add_argument_group("run")
     add_run_args(g, "default $FASTCHAT_HOME/base/d<depth>")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --run-dir "
+                   "(damaged ones are skipped with a warning)")
+    g.add_argument("--accept-data-restart", action="store_true", help="with --resume: when the checkpoint holds no "
+                   "data loader position, restart the data from its first document instead of stopping")
     g.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fresh optimizer)")
     g.add_argument("--save-every", type=int, default=0, help="0 = only at the end, -1 = never (benchmarks)")
     g.add_argument("--eval-every", type=int, default=250)
@@ -136,12 +139,15 @@ def main(argv=None):
     model.init_weights(args.seed)
     if args.init_from:
         src = resolve_checkpoint(args.init_from)
-        theirs = load_meta(src)["model_config"]
-        differ = {k: (v, theirs.get(k)) for k, v in cfg.to_dict().items() if theirs.get(k) != v}
-        if differ:
-            raise SystemExit(f"--init-from {src} holds a different model: " + ", ".join(
-                f"{k}={b} there vs {a} here" for k, (a, b) in differ.items()) + "; match the flags or drop --init-from")
-        load_checkpoint(src, model, None, device)
+        try:
+            theirs = load_meta(src)["model_config"]
+            differ = {k: (v, theirs.get(k)) for k, v in cfg.to_dict().items() if theirs.get(k) != v}
+            if differ:
+                raise CheckpointError(f"{src} holds a different model: " + ", ".join(
+                    f"{k}={b} there vs {a} here" for k, (a, b) in differ.items()) + "; match the flags or drop it")
+            load_checkpoint(src, model, None, device)
+        except CheckpointError as e:
+            raise SystemExit(f"--init-from: {e}") from e
     n_params = model.num_params()
     flops_per_token = cfg.flops_per_token()
     if args.num_iterations > 0:
@@ -155,10 +161,15 @@ def main(argv=None):
                                   unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
     step, loader_state = 0, None
     if args.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise SystemExit(f"--resume: no checkpoint in {run_dir}")
-        meta, loader_state = load_checkpoint(ckpt, model, optimizers, device)
+        try:
+            ckpt, meta, loader_state = resume_checkpoint(run_dir, model, optimizers, device)
+        except CheckpointError as e:
+            raise SystemExit(f"--resume: {e}") from e
+        if loader_state is None:  # silently starting the data over would train on its first documents again
+            if not args.accept_data_restart:
+                raise SystemExit(f"--resume: {ckpt} holds no data loader position (loader_rank*.json): restore it, "
+                                 "or pass --accept-data-restart to restart the data from its first document")
+            print0(f"--accept-data-restart: {ckpt} holds no data loader position; the data restarts from the start")
         step = meta["step"]
         print0(f"resumed from {ckpt} at step {step}")
 
