@@ -4,7 +4,7 @@ It imports only the standard library, and little of it at start (imports cost mo
 threading and traceback only when needed. It does:
 
   launcher (the process tools.py starts; trusted)
-    reads the request from stdin, unshares mount/pid/net/ipc/uts/cgroup namespaces (plus a user namespace
+    reads the request's header from stdin (the tests, if any, stay in the pipe), unshares mount/pid/net/ipc/uts/cgroup namespaces (plus a user namespace
     when not root), forks the supervisor and exits with its status. Killing it kills everything: the
     supervisor dies with it (parent-death signal), and with the supervisor, as pid 1, the whole namespace.
   supervisor, pid 1 of the new pid namespace (trusted)
@@ -38,14 +38,14 @@ TMP_BYTES = 32 << 20        # the private /tmp: enough for scratch files, too sm
 MAX_FILES = 64
 MAX_TASKS = 8               # processes + threads of one call (with memory_mb each, this bounds its memory)
 MAX_MESSAGE = 1 << 20       # one proxy call's arguments or result, encoded
-SETUP_FAILED = 125          # worker exit status: its confinement could not be applied (never runs the code)
 
-# Syscalls the code never needs that widen the kernel's attack surface or reach outside the sandbox.
+# Syscalls the code never needs that widen the kernel's attack surface, reach outside the sandbox, or take
+# memory no rlimit counts (System V shared memory and message queues).
 DENIED = """execve execveat ptrace process_vm_readv process_vm_writev mount umount2 pivot_root chroot unshare
 setns bpf perf_event_open userfaultfd io_uring_setup io_uring_enter io_uring_register keyctl add_key
 request_key kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct syslog
 quotactl open_by_handle_at name_to_handle_at memfd_create fsopen fsmount fsconfig fspick move_mount open_tree
-mount_setattr pidfd_getfd kcmp lookup_dcookie uselib iopl ioperm mknod mknodat""".split()
+mount_setattr pidfd_getfd kcmp lookup_dcookie uselib iopl ioperm mknod mknodat shmget msgget""".split()
 NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
                    CLONE_NEWNET)
 
@@ -104,7 +104,7 @@ class Seccomp:
 # ---- launcher ---------------------------------------------------------------------------------------------
 
 def launch():
-    request = marshal.loads(sys.stdin.buffer.read())   # made by tools.py
+    request = marshal.loads(read_exactly(0, int.from_bytes(read_exactly(0, 8), "little")))   # made by tools.py
     root = os.geteuid() == 0
     lifeline_r, lifeline_w = os.pipe()   # EOF on it tells the supervisor the launcher is gone
     try:
@@ -135,6 +135,17 @@ def launch():
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
+def read_exactly(fd, n):
+    """Unbuffered: what follows the header must stay in the pipe until the supervisor reads it."""
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            raise EOFError("the request ended early")
+        data += chunk
+    return data
+
+
 def report(result: dict):
     """The one result line; tools.py reads it back with ast.literal_eval (plain str, int and bool values)."""
     data = (repr(result) + "\n").encode()
@@ -153,30 +164,33 @@ def supervise(request, seccomp, worker_id, lifeline):
         build_root(worker_id)
     except OSError as e:
         return report({"unavailable": str(e)})
-    out_r, out_w = os.pipe()
-    calls = [os.pipe(), os.pipe()] if request.get("tests") is not None else None
+    (out_r, out_w), (ready_r, ready_w) = os.pipe(), os.pipe()
+    calls = [os.pipe(), os.pipe()] if request["has_tests"] else None
     pid = os.fork()
     if pid == 0:
-        if calls:
-            (req_r, req_w), (resp_r, resp_w) = calls
-            work(request, seccomp, worker_id, out_w, req_r, resp_w)
-        work(request, seccomp, worker_id, out_w)
+        work(request, seccomp, worker_id, [out_w, ready_w] + ([calls[0][0], calls[1][1]] if calls else []))
     os.close(out_w)
+    os.close(ready_w)
     confine(seccomp, worker_id, request["memory_mb"], request["cpu_seconds"])
     output = Output(out_r, request["max_output"])
+    # The worker says it is confined on a pipe it closes before the code runs: whatever the code does later
+    # (exit 125 included), it cannot make a working sandbox look unavailable, nor the reverse.
+    if os.read(ready_r, 1) != b"1":
+        output.drain(until_exit=pid)
+        return report({"unavailable": output.text()})
     if calls:
         (req_r, req_w), (resp_r, resp_w) = calls
         os.close(req_r)
         os.close(resp_w)
+        # Read only now, after the fork: the worker's memory never held the tests (it could scan it for answers).
+        tests = b"".join(iter(lambda: os.read(0, 1 << 16), b"")).decode("utf-8", "surrogatepass")
         import threading
         threading.Thread(target=output.drain, daemon=True).start()
-        passed, message = judge(request, req_w, resp_r)
+        passed, message = judge(tests, request["entry_point"], req_w, resp_r)
         return report({"ok": passed, "output": message})
     output.drain(until_exit=pid)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    if code == SETUP_FAILED:
-        return report({"unavailable": output.text()})
     report({"ok": code == 0, "output": output.text(), "exit": code})
 
 
@@ -290,27 +304,28 @@ class Output:
 
 # ---- worker ---------------------------------------------------------------------------------------------
 
-def work(request, seccomp, worker_id, out_w, req_r=None, resp_w=None):
-    """Runs in the forked child; never returns."""
+def work(request, seccomp, worker_id, fds):
+    """Runs in the forked child; never returns. fds: output, ready, and in check mode calls in, replies out."""
     try:
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        keep = [os.dup2(req_r, 3), os.dup2(resp_w, 4)] if req_r is not None else []
-        empty_r, empty_w = os.pipe()
-        os.dup2(empty_r, 0)   # stdin at EOF
-        os.closerange(3 + len(keep), 1 << 16)
+        high = [os.dup2(fd, 100 + i) for i, fd in enumerate(fds)]   # out of the way of the renumbering below
+        empty_r, _ = os.pipe()
+        for target, fd in zip((0, 1, 2, 3, 4, 5), [empty_r, high[0], *high]):   # stdin at EOF
+            os.dup2(fd, target)
+        os.closerange(2 + len(fds), 1 << 16)   # fd 3 ready, 4 and 5 the calls
         confine(seccomp, worker_id, request["memory_mb"], request["cpu_seconds"])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the size limit fails instead of killing
         stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
         sys.stdout = sys.stderr = stdout
+        os.write(3, b"1")
+        os.close(3)
     except BaseException as e:
         os.write(2, f"the sandbox could not confine the worker: {e}".encode())
-        os._exit(SETUP_FAILED)
+        os._exit(1)
     status, scope = 1, {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         run_cell(request["program"], scope)
-        if keep:
-            serve_calls(scope[request["entry_point"]], 3, 4)
+        if len(fds) > 2:
+            serve_calls(scope[request["entry_point"]], 4, 5)
         status = 0
     except BaseException as e:   # SystemExit too: exiting early is not success
         scope.clear()   # the code's objects (a memory bomb's too) go before the error is formatted
@@ -354,7 +369,7 @@ def serve_calls(fn, req_fd, resp_fd):
 
 # ---- judge (check mode, in the supervisor) ----------------------------------------------------------------
 
-def judge(request, req_w, resp_r):
+def judge(tests, entry_point, req_w, resp_r):
     """Run the trusted tests here; only plain data comes back from the worker, so it cannot fake a pass."""
     import json
     import traceback
@@ -375,11 +390,11 @@ def judge(request, req_w, resp_r):
             raise kind(str(reply["message"]))
         return decode(reply["value"])
 
-    candidate.__name__ = request["entry_point"]
+    candidate.__name__ = entry_point
     try:
         scope = {"__name__": "__main__", "__builtins__": __builtins__}
-        exec(compile(request["tests"], "<tests>", "exec"), scope)
-        scope[request["entry_point"]] = candidate   # tests that name the function itself get the solution too
+        exec(compile(tests, "<tests>", "exec"), scope)
+        scope[entry_point] = candidate   # tests that name the function itself get the solution too
         scope["check"](candidate)
         return True, ""
     except BaseException as e:

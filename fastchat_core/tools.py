@@ -65,24 +65,26 @@ def check_program(program: str, timeout: float = 3.0, *, tests: str | None = Non
     """
     if (tests is None) != (entry_point is None):
         raise ValueError("check_program: pass both tests= and entry_point=, or neither")
-    request = {"program": program} if tests is None else {"program": program, "tests": tests,
-                                                          "entry_point": entry_point}
-    result = _sandboxed(request, timeout, 256)
+    result = _sandboxed({"program": program, "entry_point": entry_point}, timeout, 256, tests)
     if result.ok:
         return True, ""
     lines = result.output.strip().splitlines()
     return False, lines[-1] if lines else "failed without output"
 
 
-def _sandboxed(request: dict, timeout: float, memory_mb: int) -> ToolResult:
-    if sum(len(v) for v in request.values()) > MAX_CODE:
+def _sandboxed(request: dict, timeout: float, memory_mb: int, tests: str | None = None) -> ToolResult:
+    if len(request["program"]) + len(tests or "") > MAX_CODE:
         return ToolResult(False, f"ValueError: the code is longer than {MAX_CODE} characters")
-    request.update(memory_mb=int(memory_mb), cpu_seconds=math.ceil(timeout) + 1, max_output=MAX_OUTPUT)
+    request.update(memory_mb=int(memory_mb), cpu_seconds=math.ceil(timeout) + 1, max_output=MAX_OUTPUT,
+                   has_tests=tests is not None)
+    header = marshal.dumps(request)
+    # The tests follow the header; the sandbox reads them only in its supervisor, after forking the worker.
+    stdin = len(header).to_bytes(8, "little") + header + (tests or "").encode("utf-8", "surrogatepass")
     # An empty environment, no inherited fds, its own session so a timeout can kill the whole group.
     proc = subprocess.Popen([sys.executable, "-I", "-S", _SANDBOX], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd="/", env={}, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(marshal.dumps(request), timeout=timeout)
+        stdout, stderr = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)   # the launcher; the namespace's pid 1 dies with it, then all of it
         proc.communicate()
@@ -106,7 +108,11 @@ def _sandboxed(request: dict, timeout: float, memory_mb: int) -> ToolResult:
 def _describe_signal(signum: int) -> str:
     if signum == signal.SIGXCPU:
         return "TimeoutError: CPU time limit exceeded"
-    return f"the program was killed by {signal.Signals(signum).name} (out of memory or another resource limit)"
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:   # a real-time signal has no name
+        name = f"signal {signum}"
+    return f"the program was killed by {name} (out of memory or another resource limit)"
 
 
 # ---- calculator: pure arithmetic without a subprocess ----------------------------------------------------
