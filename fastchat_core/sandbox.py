@@ -26,6 +26,7 @@ import resource
 import select
 import _signal as signal   # the C module: `signal` imports enum, a fifth of our start-up time
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -40,12 +41,12 @@ MAX_TASKS = 8               # processes + threads of one call (with memory_mb ea
 MAX_MESSAGE = 1 << 20       # one proxy call's arguments or result, encoded
 
 # Syscalls the code never needs that widen the kernel's attack surface, reach outside the sandbox, or take
-# memory no rlimit counts (System V shared memory and message queues).
+# memory no rlimit counts (System V shared memory, message queues and semaphores).
 DENIED = """execve execveat ptrace process_vm_readv process_vm_writev mount umount2 pivot_root chroot unshare
 setns bpf perf_event_open userfaultfd io_uring_setup io_uring_enter io_uring_register keyctl add_key
 request_key kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct syslog
 quotactl open_by_handle_at name_to_handle_at memfd_create fsopen fsmount fsconfig fspick move_mount open_tree
-mount_setattr pidfd_getfd kcmp lookup_dcookie uselib iopl ioperm mknod mknodat shmget msgget""".split()
+mount_setattr pidfd_getfd kcmp lookup_dcookie uselib iopl ioperm mknod mknodat shmget msgget semget""".split()
 NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
                    CLONE_NEWNET)
 
@@ -176,19 +177,22 @@ def supervise(request, seccomp, worker_id, lifeline):
     # The worker says it is confined on a pipe it closes before the code runs: whatever the code does later
     # (exit 125 included), it cannot make a working sandbox look unavailable, nor the reverse.
     if os.read(ready_r, 1) != b"1":
-        output.drain(until_exit=pid)
+        output.pump(time.time() + 1, os.pidfd_open(pid))
+        output.take_rest()
         return report({"unavailable": output.text()})
+    deadline = request["deadline"]
     if calls:
         (req_r, req_w), (resp_r, resp_w) = calls
         os.close(req_r)
         os.close(resp_w)
         # Read only now, after the fork: the worker's memory never held the tests (it could scan it for answers).
         tests = b"".join(iter(lambda: os.read(0, 1 << 16), b"")).decode("utf-8", "surrogatepass")
-        import threading
-        threading.Thread(target=output.drain, daemon=True).start()
-        passed, message = judge(tests, request["entry_point"], req_w, resp_r)
+        passed, message = judge(tests, request["entry_point"], req_w, Replies(resp_r, output, deadline))
         return report({"ok": passed, "output": message})
-    output.drain(until_exit=pid)
+    if not output.pump(deadline, os.pidfd_open(pid)):
+        os.kill(-1, signal.SIGKILL)   # from pid 1: every other process of the namespace
+        return report({"ok": False, "output": output.text(), "timeout": True})
+    output.take_rest()   # without waiting for the pipe's end: a daemon the worker left may hold it open
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     report({"ok": code == 0, "output": output.text(), "exit": code})
@@ -264,7 +268,7 @@ class Output:
 
     def __init__(self, fd, max_output):
         self.fd, self.max_bytes, self.max_output = fd, 4 * max_output, max_output
-        self.head, self.tail, self.dropped = bytearray(), b"", False
+        self.head, self.tail, self.dropped, self.open = bytearray(), b"", False, True
 
     def add(self, chunk):
         room = self.max_bytes - len(self.head)
@@ -272,27 +276,30 @@ class Output:
         if len(chunk) > room:
             self.tail, self.dropped = (self.tail + chunk[room:])[-4 * self.TAIL:], True
 
-    def drain(self, until_exit=None):
-        """Read to EOF, or until the worker exits (a daemon it left may hold the pipe open) and the pipe is dry."""
-        watch = [self.fd] + ([os.pidfd_open(until_exit)] if until_exit else [])
+    def pump(self, deadline, fd) -> bool:
+        """Keep reading the output until `fd` is readable (True) or the deadline passes (False)."""
         while True:
-            ready = select.select(watch, [], [])[0]
-            if self.fd in ready:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return False
+            ready = select.select([self.fd, fd] if self.open else [fd], [], [], remaining)[0]
+            if fd in ready:
+                return True
+            if ready:
                 chunk = os.read(self.fd, 1 << 16)
-                if not chunk:
-                    return
-                self.add(chunk)
-            elif ready:   # the worker exited: take what it left in the pipe, without waiting for its children
-                os.set_blocking(self.fd, False)
-                for _ in range(64):
-                    try:
-                        chunk = os.read(self.fd, 1 << 16)
-                    except BlockingIOError:
-                        return
-                    if not chunk:
-                        return
-                    self.add(chunk)
+                self.add(chunk) if chunk else setattr(self, "open", False)
+
+    def take_rest(self):
+        """What is in the pipe now, at most 64 reads: a process still writing cannot keep us here."""
+        os.set_blocking(self.fd, False)
+        for _ in range(64 if self.open else 0):
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
                 return
+            if not chunk:
+                return
+            self.add(chunk)
 
     def text(self):
         text = self.head.decode(errors="replace")
@@ -369,20 +376,36 @@ def serve_calls(fn, req_fd, resp_fd):
 
 # ---- judge (check mode, in the supervisor) ----------------------------------------------------------------
 
-def judge(tests, entry_point, req_w, resp_r):
+class Replies:
+    """The worker's answers, a line each, read while its output keeps draining (no thread: the worker's
+    process budget is the supervisor's too) and no later than the deadline."""
+
+    def __init__(self, fd, output, deadline):
+        self.fd, self.output, self.deadline, self.buffer = fd, output, deadline, b""
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            if not self.output.pump(self.deadline, self.fd):
+                raise TimeoutError("the solution did not answer in time")
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                raise RuntimeError("the solution's process ended")
+            self.buffer += chunk
+            if len(self.buffer) > MAX_MESSAGE:
+                raise RuntimeError("the solution's answer is too large")
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+
+def judge(tests, entry_point, req_w, replies):
     """Run the trusted tests here; only plain data comes back from the worker, so it cannot fake a pass."""
     import json
     import traceback
     calls = os.fdopen(req_w, "wb", buffering=0)
-    replies = os.fdopen(resp_r, "rb")
 
     def candidate(*args, **kwargs):
-        data = (json.dumps([encode(args), encode(kwargs)]) + "\n").encode()
-        calls.write(data)
-        line = replies.readline(MAX_MESSAGE + 1)
-        if not line.endswith(b"\n"):
-            raise RuntimeError("the solution's process ended or sent a malformed reply")
-        reply = json.loads(line)
+        calls.write((json.dumps([encode(args), encode(kwargs)]) + "\n").encode())
+        reply = json.loads(replies.line())
         if "raised" in reply:
             kind = getattr(__builtins__, str(reply["raised"]), None)
             if not (isinstance(kind, type) and issubclass(kind, Exception)):

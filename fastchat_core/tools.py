@@ -12,7 +12,7 @@ code is treated as hostile and as knowing this implementation. What is guarantee
 - It runs as an unprivileged uid (a fresh one per call when the caller is root; otherwise the caller's uid
   in a user namespace, with no capabilities) in its own pid namespace: it cannot see or signal anything
   outside its own processes, and every process it starts dies when the call ends. The call returns within
-  `timeout` plus about 0.1 s, whatever the code does.
+  `timeout` plus about 0.1 s, whatever the code does, with what the code printed before it was stopped.
 - Limits per call: `memory_mb` of address space per process, at most 8 processes and threads, 64 open
   files, CPU seconds, file size; its output reaches the caller capped at MAX_OUTPUT characters (the first
   part and the last 500), so the caller's memory does not grow with it.
@@ -35,6 +35,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import NamedTuple
@@ -75,20 +76,22 @@ def check_program(program: str, timeout: float = 3.0, *, tests: str | None = Non
 def _sandboxed(request: dict, timeout: float, memory_mb: int, tests: str | None = None) -> ToolResult:
     if len(request["program"]) + len(tests or "") > MAX_CODE:
         return ToolResult(False, f"ValueError: the code is longer than {MAX_CODE} characters")
+    # The supervisor stops the code at the deadline and still reports what it printed; the kill below,
+    # a second later, is only the backstop.
     request.update(memory_mb=int(memory_mb), cpu_seconds=math.ceil(timeout) + 1, max_output=MAX_OUTPUT,
-                   has_tests=tests is not None)
-    header = marshal.dumps(request)
+                   has_tests=tests is not None, deadline=time.time() + timeout)
+    header, timed_out = marshal.dumps(request), f"TimeoutError: killed after {timeout:g} s"
     # The tests follow the header; the sandbox reads them only in its supervisor, after forking the worker.
     stdin = len(header).to_bytes(8, "little") + header + (tests or "").encode("utf-8", "surrogatepass")
     # An empty environment, no inherited fds, its own session so a timeout can kill the whole group.
     proc = subprocess.Popen([sys.executable, "-I", "-S", _SANDBOX], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd="/", env={}, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(stdin, timeout=timeout)
+        stdout, stderr = proc.communicate(stdin, timeout=timeout + 1)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)   # the launcher; the namespace's pid 1 dies with it, then all of it
         proc.communicate()
-        return ToolResult(False, f"TimeoutError: killed after {timeout:g} s")
+        return ToolResult(False, timed_out)
     try:
         result = ast.literal_eval(stdout.decode().splitlines()[-1])   # from the trusted supervisor
         assert isinstance(result, dict)
@@ -100,6 +103,8 @@ def _sandboxed(request: dict, timeout: float, memory_mb: int, tests: str | None 
                                  "(run as root, or with unprivileged user namespaces enabled) and libseccomp "
                                  f"(libseccomp2). The error was: {result['unavailable']}")
     output = str(result["output"])
+    if result.get("timeout"):
+        return ToolResult(False, (output + "\n" + timed_out).strip("\n"))
     if result.get("exit", 0) < 0:   # killed by a signal: say which, after what it printed
         output += "\n" + _describe_signal(-result["exit"])
     return ToolResult(bool(result["ok"]), output.strip("\n"))
