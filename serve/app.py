@@ -1,12 +1,15 @@
 """The HTTP server: OpenAI-compatible chat and text completions over one shared AsyncEngine, the web UI at /,
 /health and Prometheus /metrics.
 
-A request is validated (schemas.py) and checked against the engine before anything is queued, so a bad one
-gets a 4xx naming its fault and a full server a 429 with Retry-After. An accepted request runs as one task
-per choice, each reading its engine stream; when the client goes away the tasks are cancelled, which aborts
-the engine requests and frees their KV blocks at once. Streams are server-sent events in OpenAI's chunk
-format, ending with `data: [DONE]`. Shutdown (SIGTERM, Ctrl-C) is uvicorn's: stop accepting, let in-flight
-responses finish, then the lifespan hook stops the engine thread.
+A request is validated (schemas.py) and checked against the engine before anything is queued, so a bad one gets a
+4xx naming its fault and a full server a 429 with Retry-After; no body, however malformed, gets a 5xx. The body is
+read up to --max-body-bytes and no further (413 past it, and the connection is closed rather than read to its end),
+and its JSON parsing, validation and tokenization run in a worker thread: the event loop only moves bytes, so a
+megabytes-long request does not stall other clients' streams. An accepted request runs as one task per choice, each
+reading its engine stream; when the client goes away the tasks are cancelled, which aborts the engine requests and
+frees their KV blocks at once. Streams are server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
+Shutdown (SIGTERM, Ctrl-C) is uvicorn's: stop accepting, let in-flight responses finish, then the lifespan hook
+stops the engine thread.
 """
 import asyncio
 import bisect
@@ -22,11 +25,13 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fastchat_core.engine import AsyncEngine, QueueFull
-from fastchat_core.serve.schemas import GenerationRequest, RequestError, chat_request, completion_request, parse_json
+from fastchat_core.serve.schemas import (MAX_BODY_BYTES, GenerationRequest, RequestError, chat_request,
+                                         completion_request, parse_json)
 
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
@@ -165,11 +170,16 @@ async def _until_disconnect(receive):
 class ChatServer:
     """The routes' shared state: one AsyncEngine for all requests, the metrics, the accepted choices."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None):
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None, max_body_bytes: int):
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.max_body_bytes = max_body_bytes
+        # request parsing runs in a thread, one at a time: the GIL lets one run anyway, and with fewer threads
+        # holding it through long C calls (json.loads of megabytes) the event loop gets it back sooner
+        self.parsing = asyncio.Semaphore(1)
         self.tokenizer = engine.engine.tokenizer
         if self.tokenizer is None:
             raise ValueError("the server renders chats and decodes text: create the Engine with a tokenizer")
+        self.token_chars = int(self.tokenizer.token_bytes().max())   # bounds a prompt's tokens from its length
         # one sequence holds at most this many tokens: the rotary table's length, or the whole KV cache
         self.context = min(engine.engine.max_context, engine.engine.cache_tokens)
         self.capacity = engine.engine.scheduler.max_num_seqs + engine.max_waiting
@@ -207,10 +217,42 @@ class ChatServer:
     async def completions(self, request):
         return await self._complete(request, chat=False)
 
+    async def _body(self, request) -> list[bytes]:
+        """The JSON body's chunks, refused before it is read if its Content-Type is another, and as soon as it
+        passes --max-body-bytes (whatever Content-Length says): a huge or endless upload is never held in memory.
+        The chunks are joined by the parsing thread, so that the event loop copies no megabytes."""
+        kind = request.headers.get("content-type")   # absent: taken as JSON, all that these routes read
+        if kind is not None and kind.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(f"the Content-Type is {kind[:80]!r}: send the request as JSON, with the header "
+                               "'Content-Type: application/json'", code="unsupported_media_type", status=415)
+        too_large = RequestError(f"the request body is larger than this server's limit of {self.max_body_bytes} "
+                                 "bytes: shorten the conversation (or start the server with a larger "
+                                 "--max-body-bytes)", code="request_too_large", status=413,
+                                 headers={"Connection": "close"})   # and uvicorn stops reading the rest
+        if int(request.headers.get("content-length") or 0) > self.max_body_bytes:   # digits: the HTTP parser checked
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_large
+        return chunks
+
+    def _parse(self, chunks: list[bytes], chat: bool) -> GenerationRequest:
+        """Body chunks -> a validated, tokenized request: CPU work that grows with the body, so it runs in a thread
+        while the event loop serves other clients."""
+        parse = chat_request if chat else completion_request
+        return parse(parse_json(b"".join(chunks)), self.tokenizer, self.context, self.token_chars)
+
     async def _complete(self, request, chat: bool):
         self._authorize(request)
-        parse = chat_request if chat else completion_request
-        req = parse(parse_json(await request.body()), self.tokenizer, self.context)
+        try:
+            chunks = await self._body(request)
+        except ClientDisconnect:
+            return Response(status_code=499)   # gone mid-upload (nginx's code); nobody reads this
+        async with self.parsing:
+            req = await asyncio.to_thread(self._parse, chunks, chat)
         for params in req.params:   # what only the engine knows (KV cache size, ...): refuse before queueing
             try:
                 self.engine.engine.check_request(req.prompt_ids, params)
@@ -316,10 +358,11 @@ async def _server_error(request, e: Exception):
     return JSONResponse(body, status_code=500)
 
 
-def build_app(engine: AsyncEngine, model_name: str = "fastchat", api_key: str | None = None) -> Starlette:
+def build_app(engine: AsyncEngine, model_name: str = "fastchat", api_key: str | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The ASGI app over a running AsyncEngine (which it closes at shutdown). api_key: required as
-    `Authorization: Bearer KEY` on /v1/* when set."""
-    server = ChatServer(engine, model_name, api_key)
+    `Authorization: Bearer KEY` on /v1/* when set; max_body_bytes: larger request bodies get 413."""
+    server = ChatServer(engine, model_name, api_key, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

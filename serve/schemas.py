@@ -5,12 +5,19 @@ Plain functions over dicts: the API surface is a dozen fields, too few to justif
 fields are ignored, as OpenAI-compatible servers usually do, so stock clients that send extras still work.
 Extensions beyond OpenAI's fields (as vLLM has them): top_k, and ignore_eos (exact output lengths, for benchmarks).
 
+Whatever a client sends ends as a RequestError, never as another exception: bodies that are not UTF-8, nest
+deeper than the parser recurses or hold NaN; values of any type and size (messages quote them through reprlib,
+so a huge or deep value costs nothing to report); lone surrogates (JSON's "\ud800" escape), which no encoder or
+tokenizer accepts. A prompt whose length alone shows it cannot fit the context is refused before tokenization,
+whose work grows with the text (see `_fit_chars`).
+
 Tool calls travel as text: the model's <|python_start|> ... <|python_end|> and <|output_start|> ...
 <|output_end|> tokens decode to those marker strings, the web UI styles them, and when a client sends the
 conversation back, `assistant_parts` turns the markers into the tokenizer's python / python_output parts so
 the model sees the same tokens it produced.
 """
 import json
+import reprlib
 from dataclasses import dataclass
 
 from fastchat_core.sampler import SamplingParams
@@ -18,6 +25,7 @@ from fastchat_core.tokenizer import assistant_parts
 
 MAX_STOP = 4    # as OpenAI: up to 4 stop strings
 MAX_N = 16      # choices per request
+MAX_BODY_BYTES = 4 << 20   # default request body limit (--max-body-bytes): a long chat is tens of KiB
 
 
 class RequestError(Exception):
@@ -41,21 +49,28 @@ class GenerationRequest:
 
 
 def parse_json(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise RequestError(f"the request body is not valid JSON ({e}): send a JSON object with "
-                           "Content-Type: application/json", code="invalid_json") from None
+    try:   # decoded strictly here: json.loads(bytes) would guess UTF-16/32 and let encoded surrogates through
+        body = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError is a ValueError
+        why = "it nests arrays or objects deeper than this server parses" if isinstance(e, RecursionError) else e
+        raise RequestError(f"the request body is not valid JSON ({why}): send a JSON object, UTF-8 encoded, "
+                           "with Content-Type: application/json", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {_kind(body)}", code="invalid_json")
     return body
 
 
-def chat_request(body: dict, tokenizer, context: int) -> GenerationRequest:
-    """POST /v1/chat/completions. `context`: the most tokens (prompt + output) one sequence may hold."""
+def _not_json(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def chat_request(body: dict, tokenizer, context: int, token_chars: int) -> GenerationRequest:
+    """POST /v1/chat/completions. `context`: the most tokens (prompt + output) one sequence may hold;
+    `token_chars`: the most characters one token stands for (the longest token's bytes)."""
     if "messages" not in body:
         raise RequestError("'messages' is required: a list of {\"role\", \"content\"} objects", "messages")
     messages = _messages(body["messages"])
+    _fit_chars(sum(map(_chars, messages)), context, token_chars, "messages")
     try:
         prompt_ids = tokenizer.render_for_completion(messages)
     except ValueError as e:   # roles out of order, a conversation that ends on the assistant, ...
@@ -63,18 +78,55 @@ def chat_request(body: dict, tokenizer, context: int) -> GenerationRequest:
     return _generation(body, prompt_ids, context, "messages")
 
 
-def completion_request(body: dict, tokenizer, context: int) -> GenerationRequest:
+def completion_request(body: dict, tokenizer, context: int, token_chars: int) -> GenerationRequest:
     """POST /v1/completions: raw text continuation from <|bos|> (no chat template)."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise RequestError(f"'prompt' must be a string, got {_kind(prompt)} (send one request per prompt)", "prompt")
+    prompt = _string(body.get("prompt"), "prompt", "a string (send one request per prompt)")
+    _fit_chars(len(prompt), context, token_chars, "prompt")
     return _generation(body, tokenizer.encode(prompt, prepend=tokenizer.bos_id), context, "prompt")
 
 
 # ---- fields -------------------------------------------------------------------------------------------
 
 def _kind(value) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+    return "null" if value is None else f"{type(value).__name__} {reprlib.repr(value)}"[:80]
+
+
+def _string(value, param, what="a string") -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"'{param}' must be {what}, got {_kind(value)}", param)
+    return _unicode(value, param)
+
+
+def _unicode(text: str, param) -> str:
+    if text.isascii():   # O(1) in CPython, and no surrogate is ASCII
+        return text
+    try:   # a lone surrogate can be neither UTF-8 encoded nor tokenized
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} holds a lone surrogate {text[e.start]!r} at index {e.start}, which is not "
+                           "text: send UTF-8, and pair each \\ud800-\\udbff escape with a \\udc00-\\udfff one",
+                           param) from None
+    return text
+
+
+def _fit_chars(chars: int, context: int, token_chars: int, param):
+    """Refuse, before tokenizing it, a prompt that cannot fit: no token stands for more than `token_chars`
+    bytes, and a character is at least one byte. The tokenizer holds the GIL while it encodes a text, so this
+    also keeps a multi-megabyte prompt from stalling every stream for seconds."""
+    at_least = -(-chars // token_chars)
+    if at_least >= context:
+        raise _too_long(f"at least {at_least}", context, param)
+
+
+def _chars(message) -> int:
+    """Characters of a message's text (an assistant's tool-call markers become special tokens: not counted)."""
+    content = message["content"]
+    return len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
+
+
+def _too_long(tokens, context, param) -> RequestError:
+    return RequestError(f"the prompt is {tokens} tokens but this model's context holds {context} (prompt + "
+                        "answer): shorten the conversation", param, code="context_length_exceeded")
 
 
 def _messages(value) -> list[dict]:
@@ -88,8 +140,8 @@ def _messages(value) -> list[dict]:
                                f"messages[{i}]")
         role = "system" if m.get("role") == "developer" else m.get("role")   # OpenAI's newer name for system
         if role not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}] has unsupported role {m.get('role')!r}: use 'system', 'user' or "
-                               "'assistant'", f"messages[{i}].role")
+            raise RequestError(f"messages[{i}] has unsupported role {reprlib.repr(m.get('role'))}: use 'system', "
+                               "'user' or 'assistant'", f"messages[{i}].role")
         text = _content(m.get("content"), f"messages[{i}].content")
         out.append({"role": role, "content": assistant_parts(text) if role == "assistant" else text})
     return out
@@ -97,13 +149,13 @@ def _messages(value) -> list[dict]:
 
 def _content(value, param) -> str:
     """A string, or OpenAI's list of {"type": "text", "text": ...} parts (joined)."""
-    if isinstance(value, str):
-        return value
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise RequestError(f"{param} must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts "
-                       f"(only text is supported), got {_kind(value)}", param)
+        value = "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise RequestError(f"{param} must be a string or a list of {{\"type\": \"text\", \"text\": ...}} parts "
+                           f"(only text is supported), got {_kind(value)}", param)
+    return _unicode(value, param)
 
 
 def _int(body, name, default, lo, hi=None):
@@ -114,7 +166,7 @@ def _int(body, name, default, lo, hi=None):
         raise RequestError(f"'{name}' must be an integer, got {_kind(value)}", name)
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise RequestError(f"'{name}' must be {bound}, got {value}", name)
+        raise RequestError(f"'{name}' must be {bound}, got {reprlib.repr(value)}", name)
     return value
 
 
@@ -125,7 +177,8 @@ def _number(body, name, default, lo, hi, lo_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{name}' must be a number, got {_kind(value)}", name)
     if not ((lo < value) if lo_open else (lo <= value)) or not value <= hi:
-        raise RequestError(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
+        raise RequestError(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {reprlib.repr(value)}",
+                           name)
     return float(value)
 
 
@@ -145,21 +198,22 @@ def _stop(value) -> list[str]:
         raise RequestError(f"'stop' must be a non-empty string or a list of them, got {_kind(value)}", "stop")
     if len(stop) > MAX_STOP:
         raise RequestError(f"'stop' has {len(stop)} strings; at most {MAX_STOP} are allowed", "stop")
-    return stop
+    return [_unicode(s, "stop") for s in stop]
 
 
 def _generation(body, prompt_ids, context, prompt_param) -> GenerationRequest:
     n_prompt = len(prompt_ids)
     if n_prompt >= context:
-        raise RequestError(f"the prompt is {n_prompt} tokens but this model's context holds {context} (prompt + "
-                           "answer): shorten the conversation", prompt_param, code="context_length_exceeded")
+        raise _too_long(n_prompt, context, prompt_param)
+    if body.get("model") is not None:   # whatever it names, the server's one model answers; but it must be text
+        _string(body["model"], "model")
     room = context - n_prompt
     # max_completion_tokens is OpenAI's newer name for the same limit
     key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
     max_tokens = _int(body, key, room, 1)
     if max_tokens > room:
-        raise RequestError(f"'{key}' is {max_tokens} but the prompt takes {n_prompt} of the model's {context} "
-                           f"tokens of context: ask for at most {room}", key, code="context_length_exceeded")
+        raise RequestError(f"'{key}' is {reprlib.repr(max_tokens)} but the prompt takes {n_prompt} of the model's "
+                           f"{context} tokens of context: ask for at most {room}", key, code="context_length_exceeded")
     seed = _int(body, "seed", None, 0, 2**63 - 1 - MAX_N)
     n = _int(body, "n", 1, 1, MAX_N)
     options = body.get("stream_options")
