@@ -1,30 +1,34 @@
 """The sandbox process behind tools.run_python and tools.check_program (started as `python -I -S sandbox.py`).
 
-It imports only the standard library, and little of it at start (imports cost most of a call's time): json,
-threading and traceback only when needed. It does:
+It imports only the standard library, and little of it at start (imports cost most of a call's time): json
+and traceback only when needed. Three processes:
 
-  launcher (the process tools.py starts; trusted)
-    reads the request's header from stdin (the tests, if any, stay in the pipe), unshares mount/pid/net/ipc/uts/cgroup namespaces (plus a user namespace
-    when not root), forks the supervisor and exits with its status. Killing it kills everything: the
-    supervisor dies with it (parent-death signal), and with the supervisor, as pid 1, the whole namespace.
+  launcher (the process tools.py starts; trusted, never reachable from the code)
+    reads the request's header from stdin (the tests, if any, stay in the pipe), unshares mount, pid, net,
+    ipc, uts and cgroup namespaces (plus a user namespace unless it is root of the host), forks the
+    supervisor, and keeps the deadline: at deadline + GRACE it kills the supervisor, and with it, pid 1,
+    the whole namespace, then reports the timeout itself. Killed itself (the caller's backstop), it takes
+    the supervisor along (parent-death signal).
   supervisor, pid 1 of the new pid namespace (trusted)
-    builds a root file system of read-only binds (the stdlib directories, the system libraries) and a small
-    private tmpfs at /tmp, pivots into it and drops the old root; forks the worker; confines itself like
-    the worker; collects the worker's output (capped) and exit status, or in check mode runs the trusted
-    tests with `candidate` a proxy that calls the worker's function over pipes, plain data both ways; writes
-    the one result line on the launcher's stdout, which the worker never holds.
+    builds a root of read-only binds (the stdlib directories and the system libraries they load) and a
+    small private tmpfs at /tmp, pivots into it, drops the old root and forks the worker; then confines
+    itself (its own uid) and collects the worker's output (capped) and exit status, or in check mode runs
+    the trusted tests with `candidate` a proxy that calls the worker's function over pipes, plain data both
+    ways. It stops the worker at the deadline and writes the one result line on a descriptor the worker
+    never holds.
   worker (runs the untrusted code)
-    gets only its pipes as fds, drops to an unprivileged uid (a fresh one per call when root; no
-    capabilities in the user namespace otherwise), takes rlimits, no_new_privs and a seccomp filter, then
-    runs the code REPL-style.
+    gets only its pipes, drops to an unprivileged uid (a fresh one per call when root; no capabilities in
+    the user namespace otherwise), takes rlimits, no_new_privs and a seccomp filter, then runs the code
+    REPL-style.
 """
 import _ast
+import _signal as signal   # the C module: `signal` imports enum, a fifth of our start-up time
+import builtins
 import ctypes
 import marshal
 import os
 import resource
 import select
-import _signal as signal   # the C module: `signal` imports enum, a fifth of our start-up time
 import sys
 import time
 
@@ -33,22 +37,40 @@ CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
-SYS_PIVOT_ROOT, SYS_CAPSET = 155, 126   # x86_64; other architectures are refused below
 
 TMP_BYTES = 32 << 20        # the private /tmp: enough for scratch files, too small to hurt the host
 MAX_FILES = 64
-MAX_TASKS = 8               # processes + threads of one call (with memory_mb each, this bounds its memory)
+MAX_TASKS = 8               # processes + threads of the worker (with memory_mb each, this bounds its memory)
 MAX_MESSAGE = 1 << 20       # one proxy call's arguments or result, encoded
+GRACE = 0.25                # the launcher's kill, after the supervisor's own stop at the deadline
 
-# Syscalls the code never needs that widen the kernel's attack surface, reach outside the sandbox, or take
-# memory no rlimit counts (System V shared memory, message queues and semaphores).
+# x86_64 syscall numbers, written here rather than resolved by libseccomp: a libseccomp that does not know
+# a name must not drop its rule silently. Numbers above NEWEST_REVIEWED (syscalls newer than this list)
+# get ENOSYS, as from an older kernel.
+NR = dict(socket=41, setsockopt=54, clone=56, execve=59, fcntl=72, ptrace=101, syslog=103, uselib=134,
+          mknod=133, modify_ldt=154, pivot_root=155, chroot=161, acct=163, mount=165, umount2=166, swapon=167,
+          swapoff=168, reboot=169, iopl=172, ioperm=173, init_module=175, delete_module=176, quotactl=179,
+          lookup_dcookie=212, kexec_load=246, add_key=248, request_key=249, keyctl=250, inotify_init=253,
+          mknodat=259, unshare=272, inotify_init1=294, fanotify_init=300, prlimit64=302, name_to_handle_at=303,
+          open_by_handle_at=304, setns=308, process_vm_readv=310, process_vm_writev=311, kcmp=312,
+          finit_module=313, memfd_create=319, kexec_file_load=320, bpf=321, execveat=322, userfaultfd=323,
+          perf_event_open=298, io_uring_setup=425, io_uring_enter=426, io_uring_register=427, open_tree=428,
+          move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433, clone3=435, pidfd_getfd=438,
+          mount_setattr=442, quotactl_fd=443, memfd_secret=447, shmget=29, semget=64, msgget=68, ioctl=16,
+          capset=126)
+NEWEST_REVIEWED = 456
+# Never needed by the code; they reach outside the sandbox, widen the kernel's attack surface, watch the
+# host's files (inotify), or take memory no rlimit counts (System V IPC, memfd).
 DENIED = """execve execveat ptrace process_vm_readv process_vm_writev mount umount2 pivot_root chroot unshare
 setns bpf perf_event_open userfaultfd io_uring_setup io_uring_enter io_uring_register keyctl add_key
 request_key kexec_load kexec_file_load init_module finit_module delete_module reboot swapon swapoff acct syslog
-quotactl open_by_handle_at name_to_handle_at memfd_create fsopen fsmount fsconfig fspick move_mount open_tree
-mount_setattr pidfd_getfd kcmp lookup_dcookie uselib iopl ioperm mknod mknodat shmget msgget semget""".split()
+quotactl quotactl_fd open_by_handle_at name_to_handle_at memfd_create memfd_secret fsopen fsmount fsconfig
+fspick move_mount open_tree mount_setattr pidfd_getfd kcmp lookup_dcookie uselib iopl ioperm modify_ldt mknod
+mknodat shmget msgget semget inotify_init inotify_init1 fanotify_init""".split()
 NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
                    CLONE_NEWNET)
+AF_UNIX, SOL_SOCKET, TIOCSTI, F_SETPIPE_SZ = 1, 1, 0x5412, 1031
+SOCKET_BUFFERS = (7, 8, 32, 33)   # SO_SNDBUF, SO_RCVBUF and their FORCE forms: kernel memory past RLIMIT_AS
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -61,18 +83,18 @@ def call(result, what):
 
 
 def mount(source, target, fstype, flags, data=None):
-    enc = lambda s: None if s is None else s.encode()
+    enc = lambda s: None if s is None else os.fsencode(s)
     call(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {target}")
 
 
 class Seccomp:
-    """The filter, built by the supervisor with libseccomp (ctypes) and loaded by each confined process."""
+    """The filter, built once with libseccomp (ctypes) and loaded by each confined process."""
 
     class ArgCmp(ctypes.Structure):
         _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
 
-    ALLOW, KILL = 0x7fff0000, 0x80000000
-    NE, MASKED_EQ = 1, 7
+    ALLOW = 0x7fff0000
+    NE, EQ, MASKED_EQ = 1, 4, 7
 
     def __init__(self):
         lib = self.lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
@@ -82,21 +104,24 @@ class Seccomp:
                                                ctypes.POINTER(self.ArgCmp)]
         lib.seccomp_load.argtypes = [ctypes.c_void_p]
         self.ctx = call(lib.seccomp_init(self.ALLOW), "seccomp_init")
-        errno = lambda e: 0x00050000 | e
+        eperm, enosys = 0x00050000 | 1, 0x00050000 | 38
         for name in DENIED:
-            self.rule(errno(1), name)
-        self.rule(errno(38), "clone3")   # ENOSYS: glibc falls back to clone, whose flags the filter can read
+            self.rule(eperm, NR[name])
+        self.rule(enosys, NR["clone3"])   # glibc falls back to clone, whose flags the filter can read
         for flag in NAMESPACE_FLAGS:
-            self.rule(errno(1), "clone", (0, self.MASKED_EQ, flag, flag))
-        self.rule(errno(1), "socket", (0, self.NE, 1, 0))   # AF_UNIX only: no other network family at all
-        self.rule(errno(1), "ioctl", (1, self.MASKED_EQ, 0xFFFFFFFF, 0x5412))   # TIOCSTI: typing into a tty
+            self.rule(eperm, NR["clone"], (0, self.MASKED_EQ, flag, flag))
+        self.rule(eperm, NR["socket"], (0, self.NE, AF_UNIX, 0))   # no network family at all
+        self.rule(eperm, NR["ioctl"], (1, self.MASKED_EQ, 0xFFFFFFFF, TIOCSTI))
+        for option in SOCKET_BUFFERS:
+            self.rule(eperm, NR["setsockopt"], (1, self.EQ, SOL_SOCKET, 0), (2, self.EQ, option, 0))
+        self.rule(eperm, NR["fcntl"], (1, self.EQ, F_SETPIPE_SZ, 0))
+        self.rule(eperm, NR["prlimit64"], (0, self.NE, 0, 0))   # its own limits only (raising them fails anyway)
+        for nr in range(NEWEST_REVIEWED + 1, 512):
+            self.rule(enosys, nr)
 
-    def rule(self, action, name, *conditions):
-        nr = self.lib.seccomp_syscall_resolve_name(name.encode())
-        if nr < 0:
-            return   # not a syscall on this architecture
+    def rule(self, action, nr, *conditions):
         args = (self.ArgCmp * len(conditions))(*[self.ArgCmp(*c) for c in conditions])
-        call(self.lib.seccomp_rule_add_array(self.ctx, action, nr, len(conditions), args), f"seccomp rule {name}")
+        call(self.lib.seccomp_rule_add_array(self.ctx, action, nr, len(conditions), args), f"seccomp rule {nr}")
 
     def load(self):
         call(self.lib.seccomp_load(self.ctx), "seccomp_load")
@@ -106,7 +131,9 @@ class Seccomp:
 
 def launch():
     request = marshal.loads(read_exactly(0, int.from_bytes(read_exactly(0, 8), "little")))   # made by tools.py
-    root = os.geteuid() == 0
+    result_fd = os.dup(1)   # the result line's one way out; fd 1 itself is made useless for everything below
+    os.dup2(os.open("/", os.O_RDONLY), 1)
+    root = host_root()
     lifeline_r, lifeline_w = os.pipe()   # EOF on it tells the supervisor the launcher is gone
     try:
         if os.uname().machine != "x86_64":
@@ -119,21 +146,34 @@ def launch():
             for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
+        call(libc.sethostname(b"sandbox", 7), "sethostname")
     except OSError as e:
-        return report({"unavailable": str(e)})
-    # A fresh uid per call (when root): rlimits on processes count per uid, and nothing on the host is its.
-    worker_id = 0x40000000 + os.getpid() if root else None
+        return report(result_fd, {"unavailable": str(e)})
+    # Fresh uids per call (when root), worker and supervisor apart: rlimits on processes count per uid, a
+    # process can change the limits of another of its uid, and nothing on the host belongs to them.
+    uids = (0x40000000 + 2 * os.getpid(), 0x40000001 + 2 * os.getpid()) if root else (None, None)
     pid = os.fork()
     if pid == 0:
         os.close(lifeline_w)
         try:
-            supervise(request, seccomp, worker_id, lifeline_r)
+            supervise(request, seccomp, uids, lifeline_r, result_fd)
         except BaseException:   # a bug here must still end pid 1, taking the namespace with it
             import traceback
-            report({"unavailable": "sandbox supervisor failed: " + traceback.format_exc(limit=3)})
+            report(result_fd, {"unavailable": "sandbox supervisor failed: " + traceback.format_exc(limit=3)})
         os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    # The supervisor stops the code at the deadline; this is for a supervisor kept busy past it.
+    pidfd = os.pidfd_open(pid)
+    if not select.select([pidfd], [], [], max(0.0, request["deadline"] + GRACE - time.monotonic()))[0]:
+        os.kill(pid, signal.SIGKILL)
+        report(result_fd, {"ok": False, "output": "", "timeout": True})
+    os.waitpid(pid, 0)
+    os._exit(0)
+
+
+def host_root() -> bool:
+    """Root of the host, not of a user namespace (a container's root may be one; its uids are not ours)."""
+    with open("/proc/self/uid_map") as f:
+        return os.geteuid() == 0 and f.read().split() == ["0", "0", "4294967295"]
 
 
 def read_exactly(fd, n):
@@ -147,87 +187,109 @@ def read_exactly(fd, n):
     return data
 
 
-def report(result: dict):
-    """The one result line; tools.py reads it back with ast.literal_eval (plain str, int and bool values)."""
-    data = (repr(result) + "\n").encode()
+def report(fd, result: dict):
+    """The result line; tools.py reads the last line back with ast.literal_eval (plain str, int and bool
+    values). It starts on a new line, so a line cut off by a kill cannot run into it."""
+    data = ("\n" + repr(result) + "\n").encode()
     while data:
-        data = data[os.write(1, data):]
+        data = data[os.write(fd, data):]
 
 
 # ---- supervisor (pid 1) ---------------------------------------------------------------------------------
 
-def supervise(request, seccomp, worker_id, lifeline):
-    call(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
-    if select.select([lifeline], [], [], 0)[0]:
-        os._exit(1)   # the launcher died before the death signal was armed
+def supervise(request, seccomp, uids, lifeline, result_fd):
+    arm_parent_death(lifeline)
     signal.signal(signal.SIGINT, signal.SIG_DFL)   # pid 1 ignores default-action signals from inside: all of them
+    worker_uid, supervisor_uid = uids
     try:
-        build_root(worker_id)
+        build_root(worker_uid)
     except OSError as e:
-        return report({"unavailable": str(e)})
+        return report(result_fd, {"unavailable": str(e)})
     (out_r, out_w), (ready_r, ready_w) = os.pipe(), os.pipe()
     calls = [os.pipe(), os.pipe()] if request["has_tests"] else None
     pid = os.fork()
     if pid == 0:
-        work(request, seccomp, worker_id, [out_w, ready_w] + ([calls[0][0], calls[1][1]] if calls else []))
-    os.close(out_w)
-    os.close(ready_w)
-    confine(seccomp, worker_id, request["memory_mb"], request["cpu_seconds"])
+        os.close(result_fd)
+        work(request, seccomp, worker_uid, [out_w, ready_w] + ([calls[0][0], calls[1][1]] if calls else []))
+    for fd in (out_w, ready_w) + ((calls[0][0], calls[1][1]) if calls else ()):
+        os.close(fd)
+    os.chdir("/")
+    confine(seccomp, supervisor_uid, request["memory_mb"], request["cpu_seconds"])
+    arm_parent_death(lifeline)   # changing uid cleared it
+    sys.stdout = sys.stderr = Discard()   # what the tests print goes nowhere, least of all into the result
     output = Output(out_r, request["max_output"])
-    # The worker says it is confined on a pipe it closes before the code runs: whatever the code does later
-    # (exit 125 included), it cannot make a working sandbox look unavailable, nor the reverse.
+    # The worker says it is confined on a pipe it closes before the code runs: whatever the code does later,
+    # it cannot make a working sandbox look unavailable, nor the reverse.
     if os.read(ready_r, 1) != b"1":
-        output.pump(time.time() + 1, os.pidfd_open(pid))
+        output.pump(time.monotonic() + 1, os.pidfd_open(pid))
         output.take_rest()
-        return report({"unavailable": output.text()})
+        return report(result_fd, {"unavailable": output.text()})
     deadline = request["deadline"]
     if calls:
-        (req_r, req_w), (resp_r, resp_w) = calls
-        os.close(req_r)
-        os.close(resp_w)
         # Read only now, after the fork: the worker's memory never held the tests (it could scan it for answers).
         tests = b"".join(iter(lambda: os.read(0, 1 << 16), b"")).decode("utf-8", "surrogatepass")
-        passed, message = judge(tests, request["entry_point"], req_w, Replies(resp_r, output, deadline))
-        return report({"ok": passed, "output": message})
+        passed, message = judge(tests, request["entry_point"], Calls(calls[0][1], calls[1][0], output, deadline))
+        message = message.encode("utf-8", "backslashreplace").decode()[:request["max_output"]]
+        return report(result_fd, {"ok": passed, "output": message})
     if not output.pump(deadline, os.pidfd_open(pid)):
         os.kill(-1, signal.SIGKILL)   # from pid 1: every other process of the namespace
-        return report({"ok": False, "output": output.text(), "timeout": True})
+        return report(result_fd, {"ok": False, "output": output.text(), "timeout": True})
     output.take_rest()   # without waiting for the pipe's end: a daemon the worker left may hold it open
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
-    report({"ok": code == 0, "output": output.text(), "exit": code})
+    report(result_fd, {"ok": code == 0, "output": output.text(), "exit": code})
 
 
-def build_root(worker_id):
-    """A tmpfs root holding read-only binds of the stdlib and the system libraries, and a writable /tmp."""
+def arm_parent_death(lifeline):
+    call(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+    if select.select([lifeline], [], [], 0)[0]:
+        os._exit(1)   # the launcher died before the signal was armed
+
+
+class Discard:
+    def write(self, s):
+        return len(s)
+
+    def flush(self):
+        pass
+
+
+def build_root(worker_uid):
+    """A tmpfs root holding read-only binds of the stdlib and the system libraries, and a writable /tmp.
+
+    Each stdlib directory appears at the path this interpreter knows it by (its sys.path entry, symlinks and
+    all). Every source is opened before the new root's tmpfs covers /tmp (the stdlib may live under it) and
+    bound through its descriptor, without submounts (they would stay writable)."""
+    stdlib = [p for p in sys.path if os.path.isdir(p)]   # -I -S: the stdlib and lib-dynload only
+    sources = {}
+    for path in sorted(set(stdlib) | set(map(os.path.realpath, library_dirs()))):
+        if not any(path.startswith(b + "/") for b in sources):
+            sources[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    hide = [site for site in (os.path.join(p, "site-packages") for p in stdlib) if os.path.isdir(site)]
+    links = [(link, os.readlink(link)) for link in ("/lib", "/lib64") if os.path.islink(link)]
     mount(None, "/", None, MS_REC | MS_PRIVATE)   # nothing below propagates back to the host
     new = "/tmp"   # any existing directory will do as the mount point: this mount is ours alone
     mount("sandbox", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-    stdlib = [p for p in sys.path if os.path.isdir(p)]   # -I -S: the stdlib and lib-dynload only
-    system = library_dirs()
-    bound = []
-    for path in sorted(set(map(os.path.realpath, stdlib + system))):
-        if any(path.startswith(b + "/") for b in bound):
-            continue
-        os.makedirs(new + path)
-        mount(path, new + path, None, MS_BIND | MS_REC)
-        mount(None, new + path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-        bound.append(path)
-    for link in ("/lib", "/lib64"):   # merged-/usr systems: /lib -> usr/lib, as the loader expects
-        if os.path.islink(link) and not os.path.exists(new + link):
-            os.symlink(os.readlink(link), new + link)
-    for path in stdlib:   # installed packages are not the stdlib: hide them
-        site = os.path.join(path, "site-packages")
-        if os.path.isdir(site):
-            mount("empty", new + os.path.realpath(site), "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k")
-    os.mkdir(new + "/tmp")
-    owner = f",uid={worker_id},gid={worker_id}" if worker_id is not None else ""
+    os.mkdir(new + "/tmp")   # first: a stdlib that lives under /tmp is bound inside it
+    owner = f",uid={worker_uid},gid={worker_uid}" if worker_uid is not None else ""
     mount("tmp", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={TMP_BYTES},nr_inodes=4096,mode=0700{owner}")
+    for path, fd in sources.items():
+        os.makedirs(new + path)
+        mount(f"/proc/self/fd/{fd}", new + path, None, MS_BIND)
+        mount(None, new + path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fd)
+    for link, target in links:   # merged-/usr systems: /lib -> usr/lib, as the loader expects
+        if not os.path.lexists(new + link):
+            os.symlink(target, new + link)
+    for site in hide:   # installed packages are not the stdlib
+        mount("empty", new + site, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k")
     os.chdir(new)
-    call(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")   # the old root is stacked on top of "/"
+    call(libc.syscall(NR["pivot_root"], b".", b"."), "pivot_root")   # the old root is stacked on top of "/"
     call(libc.umount2(b".", MNT_DETACH), "umount old root")
-    os.chdir("/tmp")
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    missing = [p for p in stdlib if not os.path.isdir(p)]
+    if missing:
+        raise OSError(0, f"the stdlib directories {missing} are not visible inside the sandbox")
 
 
 def library_dirs():
@@ -235,27 +297,30 @@ def library_dirs():
     multiarch or lib64 directories, and those of every library loaded now; not all of /usr/lib."""
     arch = os.uname().machine + "-linux-gnu"
     dirs = {p for p in (f"/usr/lib/{arch}", f"/lib/{arch}", "/usr/lib64", "/lib64") if os.path.isdir(p)}
-    with open("/proc/self/maps") as f:
-        dirs |= {os.path.dirname(line.split()[-1]) for line in f if ".so" in line and "/" in line}
+    with open("/proc/self/maps") as f:   # address perms offset dev inode path (the path may hold spaces)
+        for fields in (line.rstrip("\n").split(maxsplit=5) for line in f):
+            if len(fields) == 6 and fields[5].startswith("/") and ".so" in fields[5]:
+                dirs.add(os.path.dirname(fields[5]))
     return sorted(d for d in dirs if os.path.isdir(d)) or ["/usr/lib", "/lib"]
 
 
-def confine(seccomp, worker_id, memory_mb, cpu_seconds):
-    """Drop every privilege for good; the same for the worker and (after forking it) the supervisor."""
-    if worker_id is not None:
+def confine(seccomp, uid, memory_mb, cpu_seconds):
+    """Drop every privilege for good: the worker, and after forking it the supervisor (with its own uid)."""
+    if uid is not None:
         os.setgroups([])
-        os.setgid(worker_id)
-        os.setuid(worker_id)   # root -> an unused uid: all capabilities gone
+        os.setgid(uid)
+        os.setuid(uid)   # root -> an unused uid: all capabilities gone
     else:   # user namespace: we are its root; give up the capabilities it granted
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)
         data = (ctypes.c_uint32 * 6)()
-        call(libc.syscall(SYS_CAPSET, header, data), "capset")
+        call(libc.syscall(NR["capset"], header, data), "capset")
     call(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl")   # no ptrace, no core, no /proc/<pid>/mem by peers
     memory = memory_mb << 20
     for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds),
                          (resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, TMP_BYTES),
                          (resource.RLIMIT_NOFILE, MAX_FILES), (resource.RLIMIT_NPROC, MAX_TASKS),
-                         (resource.RLIMIT_MEMLOCK, 0), (resource.RLIMIT_MSGQUEUE, 0)):
+                         (resource.RLIMIT_MEMLOCK, 0), (resource.RLIMIT_MSGQUEUE, 0),
+                         (resource.RLIMIT_SIGPENDING, 64)):
         resource.setrlimit(limit, (value, value))
     call(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
     seccomp.load()
@@ -276,14 +341,16 @@ class Output:
         if len(chunk) > room:
             self.tail, self.dropped = (self.tail + chunk[room:])[-4 * self.TAIL:], True
 
-    def pump(self, deadline, fd) -> bool:
-        """Keep reading the output until `fd` is readable (True) or the deadline passes (False)."""
+    def pump(self, deadline, fd, write=False) -> bool:
+        """Keep reading the output until `fd` is readable (writable) (True) or the deadline passes (False)."""
         while True:
-            remaining = deadline - time.time()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            ready = select.select([self.fd, fd] if self.open else [fd], [], [], remaining)[0]
-            if fd in ready:
+            reading = [self.fd] if self.open else []
+            ready, writable, _ = select.select(reading + ([] if write else [fd]), [fd] if write else [], [],
+                                               remaining)
+            if fd in ready or writable:
                 return True
             if ready:
                 chunk = os.read(self.fd, 1 << 16)
@@ -311,15 +378,16 @@ class Output:
 
 # ---- worker ---------------------------------------------------------------------------------------------
 
-def work(request, seccomp, worker_id, fds):
+def work(request, seccomp, uid, fds):
     """Runs in the forked child; never returns. fds: output, ready, and in check mode calls in, replies out."""
     try:
         high = [os.dup2(fd, 100 + i) for i, fd in enumerate(fds)]   # out of the way of the renumbering below
         empty_r, _ = os.pipe()
         for target, fd in zip((0, 1, 2, 3, 4, 5), [empty_r, high[0], *high]):   # stdin at EOF
             os.dup2(fd, target)
-        os.closerange(2 + len(fds), 1 << 16)   # fd 3 ready, 4 and 5 the calls
-        confine(seccomp, worker_id, request["memory_mb"], request["cpu_seconds"])
+        os.closerange(2 + len(fds), 2**31 - 1)   # fd 3 ready, 4 and 5 the calls
+        os.chdir("/tmp")
+        confine(seccomp, uid, request["memory_mb"], request["cpu_seconds"])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the size limit fails instead of killing
         stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False, buffering=1)
         sys.stdout = sys.stderr = stdout
@@ -328,7 +396,7 @@ def work(request, seccomp, worker_id, fds):
     except BaseException as e:
         os.write(2, f"the sandbox could not confine the worker: {e}".encode())
         os._exit(1)
-    status, scope = 1, {"__name__": "__main__", "__builtins__": __builtins__}
+    status, scope = 1, {"__name__": "__main__", "__builtins__": builtins}
     try:
         run_cell(request["program"], scope)
         if len(fds) > 2:
@@ -360,62 +428,74 @@ def run_cell(code, scope):
 def serve_calls(fn, req_fd, resp_fd):
     """Answer the judge's calls of the entry point until it closes the pipe."""
     import json
-    requests = os.fdopen(req_fd, "rb")
-    for line in requests:
-        args, kwargs = decode(json.loads(line))
+    for line in os.fdopen(req_fd, "rb"):
         try:
-            reply = {"value": encode(fn(*args, **kwargs))}
+            args, kwargs = decode(json.loads(line))
+            reply = json.dumps({"value": encode(fn(*args, **kwargs))})
         except Exception as e:
-            reply = {"raised": type(e).__name__, "message": str(e)[:1000]}
-        data = (json.dumps(reply) + "\n").encode()
-        if len(data) > MAX_MESSAGE:
-            data = (json.dumps({"raised": "ValueError", "message": "result too large"}) + "\n").encode()
+            reply = json.dumps({"raised": type(e).__name__, "message": str(e)[:1000]})
+        if len(reply) > MAX_MESSAGE:
+            reply = json.dumps({"raised": "ValueError", "message": "the result is too large to check"})
+        data = (reply + "\n").encode()
         while data:
             data = data[os.write(resp_fd, data):]
 
 
 # ---- judge (check mode, in the supervisor) ----------------------------------------------------------------
 
-class Replies:
-    """The worker's answers, a line each, read while its output keeps draining (no thread: the worker's
-    process budget is the supervisor's too) and no later than the deadline."""
+class Calls:
+    """The judge's end of the pipes to the worker: requests out, reply lines in, while the worker's output
+    keeps draining (no thread: the supervisor takes no share of the worker's budget), never past the deadline."""
 
-    def __init__(self, fd, output, deadline):
-        self.fd, self.output, self.deadline, self.buffer = fd, output, deadline, b""
+    def __init__(self, req_fd, resp_fd, output, deadline):
+        self.req_fd, self.resp_fd, self.output, self.deadline, self.buffer = req_fd, resp_fd, output, deadline, b""
+        os.set_blocking(req_fd, False)
+
+    def send(self, data: bytes):
+        while data:
+            if not self.output.pump(self.deadline, self.req_fd, write=True):
+                raise TimeoutError("the solution did not take its arguments in time")
+            try:
+                data = data[os.write(self.req_fd, data):]
+            except BlockingIOError:
+                continue
+            except BrokenPipeError:
+                raise RuntimeError("the solution's process ended") from None
 
     def line(self) -> bytes:
         while b"\n" not in self.buffer:
-            if not self.output.pump(self.deadline, self.fd):
+            if not self.output.pump(self.deadline, self.resp_fd):
                 raise TimeoutError("the solution did not answer in time")
-            chunk = os.read(self.fd, 1 << 16)
+            chunk = os.read(self.resp_fd, 1 << 16)
             if not chunk:
                 raise RuntimeError("the solution's process ended")
             self.buffer += chunk
-            if len(self.buffer) > MAX_MESSAGE:
+            if len(self.buffer) > MAX_MESSAGE + 1:
                 raise RuntimeError("the solution's answer is too large")
         line, self.buffer = self.buffer.split(b"\n", 1)
         return line
 
 
-def judge(tests, entry_point, req_w, replies):
+def judge(tests, entry_point, calls: Calls):
     """Run the trusted tests here; only plain data comes back from the worker, so it cannot fake a pass."""
     import json
     import traceback
-    calls = os.fdopen(req_w, "wb", buffering=0)
 
     def candidate(*args, **kwargs):
-        calls.write((json.dumps([encode(args), encode(kwargs)]) + "\n").encode())
-        reply = json.loads(replies.line())
+        calls.send((json.dumps([encode(args), encode(kwargs)]) + "\n").encode())
+        reply = json.loads(calls.line())
         if "raised" in reply:
-            kind = getattr(__builtins__, str(reply["raised"]), None)
-            if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            kind = getattr(builtins, str(reply["raised"]), None)
+            # only ordinary builtin errors; StopIteration would end a test's generator early, as if passed
+            if not (isinstance(kind, type) and issubclass(kind, Exception)) or \
+                    issubclass(kind, (StopIteration, StopAsyncIteration)):
                 kind = RuntimeError
             raise kind(str(reply["message"]))
         return decode(reply["value"])
 
     candidate.__name__ = entry_point
     try:
-        scope = {"__name__": "__main__", "__builtins__": __builtins__}
+        scope = {"__name__": "__main__", "__builtins__": builtins}
         exec(compile(tests, "<tests>", "exec"), scope)
         scope[entry_point] = candidate   # tests that name the function itself get the solution too
         scope["check"](candidate)
@@ -425,23 +505,29 @@ def judge(tests, entry_point, req_w, replies):
         return False, lines[-1] if lines else type(e).__name__
 
 
-# Plain data only, with exact types: the judge rebuilds builtin values, so no object of the code's making
-# (a lying __eq__, a str subclass) reaches the tests.
+# Plain data only: the judge rebuilds builtin values, so no object of the code's making (a lying __eq__, a str
+# subclass) reaches the tests. Subclasses (Counter, namedtuple...) cross as their base type; ints of any size
+# cross (big ones in hex: json refuses to print ints of over 4,300 digits).
 def encode(v):
-    t = type(v)
-    if v is None or t in (bool, int, str):
+    if v is None or v is True or v is False:
         return v
-    if t is float:
-        return {"float": repr(v)}
-    if t is complex:
-        return {"complex": [repr(v.real), repr(v.imag)]}
-    if t is bytes:
-        return {"bytes": v.hex()}
-    if t in (list, tuple, set, frozenset):
-        return {t.__name__: [encode(x) for x in v]}
-    if t is dict:
-        return {"dict": [[encode(k), encode(x)] for k, x in v.items()]}
-    raise TypeError(f"a {t.__name__} cannot be passed between the tests and the solution (plain data only)")
+    if isinstance(v, int):
+        v = int.__index__(v)
+        return v if -2**63 < v < 2**63 else {"int": format(v, "x")}
+    if isinstance(v, float):
+        return {"float": float.__repr__(v)}
+    if isinstance(v, complex):
+        return {"complex": [float.__repr__(v.real), float.__repr__(v.imag)]}
+    if isinstance(v, str):
+        return str.__str__(v)
+    if isinstance(v, bytes):
+        return {"bytes": bytes.hex(v)}
+    for kind in (list, tuple, set, frozenset):
+        if isinstance(v, kind):
+            return {kind.__name__: [encode(x) for x in kind.__iter__(v)]}
+    if isinstance(v, dict):
+        return {"dict": [[encode(k), encode(x)] for k, x in dict.items(v)]}
+    raise TypeError(f"a {type(v).__name__} cannot be passed between the tests and the solution (plain data only)")
 
 
 def decode(v):
@@ -450,6 +536,8 @@ def decode(v):
     if type(v) is list:   # the top-level [args, kwargs] pair
         return [decode(x) for x in v]
     (kind, x), = v.items()
+    if kind == "int":
+        return int(x, 16)
     if kind == "float":
         return float(x)
     if kind == "complex":

@@ -45,19 +45,34 @@ MAX_CODE = 1 << 20   # characters of code (and tests) accepted
 _SANDBOX = str(Path(__file__).with_name("sandbox.py"))
 
 
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot isolate the code (no namespaces or seccomp): nothing ran. Never a result the code
+    can produce, so a caller can tell it apart from anything printed."""
+
+
 class ToolResult(NamedTuple):
     ok: bool       # ran to the end without an exception, timeout or limit
     output: str    # printed text, then the REPL-style value of a final expression or the error
 
 
 def run_python(code: str, timeout: float = 3.0, memory_mb: int = 256) -> ToolResult:
-    """Run `code` in the sandbox; `timeout` is wall-clock seconds, sandbox start-up included."""
+    """Run `code` in the sandbox; `timeout` is wall-clock seconds, sandbox start-up included.
+    Raises SandboxUnavailable where the sandbox cannot run."""
     return _sandboxed({"program": code}, timeout, memory_mb)
+
+
+def tool_output(code: str) -> str:
+    """What the engine pastes after a python tool call: the code's output, or why the tool cannot run."""
+    try:
+        return run_python(code).output
+    except SandboxUnavailable as e:
+        return str(e)
 
 
 def check_program(program: str, timeout: float = 3.0, *, tests: str | None = None,
                   entry_point: str | None = None) -> tuple[bool, str]:
-    """Check a HumanEval-style solution: (passed, last error line or '').
+    """Check a HumanEval-style solution: (passed, last error line or ''). Raises SandboxUnavailable where the
+    sandbox cannot run (a benchmark must not score 0 for it).
 
     With `tests` (code defining `check(candidate)`, trusted) and `entry_point`, the tests run apart from the
     untrusted `program` and call its `entry_point` function across a pipe: the verdict cannot be forged.
@@ -76,10 +91,10 @@ def check_program(program: str, timeout: float = 3.0, *, tests: str | None = Non
 def _sandboxed(request: dict, timeout: float, memory_mb: int, tests: str | None = None) -> ToolResult:
     if len(request["program"]) + len(tests or "") > MAX_CODE:
         return ToolResult(False, f"ValueError: the code is longer than {MAX_CODE} characters")
-    # The supervisor stops the code at the deadline and still reports what it printed; the kill below,
-    # a second later, is only the backstop.
+    # The supervisor stops the code at the deadline and still reports what it printed; the launcher kills
+    # the supervisor a moment later if it is still busy; the kill below, a second later, is the last backstop.
     request.update(memory_mb=int(memory_mb), cpu_seconds=math.ceil(timeout) + 1, max_output=MAX_OUTPUT,
-                   has_tests=tests is not None, deadline=time.time() + timeout)
+                   has_tests=tests is not None, deadline=time.monotonic() + timeout)
     header, timed_out = marshal.dumps(request), f"TimeoutError: killed after {timeout:g} s"
     # The tests follow the header; the sandbox reads them only in its supervisor, after forking the worker.
     stdin = len(header).to_bytes(8, "little") + header + (tests or "").encode("utf-8", "surrogatepass")
@@ -88,9 +103,11 @@ def _sandboxed(request: dict, timeout: float, memory_mb: int, tests: str | None 
                             stderr=subprocess.PIPE, cwd="/", env={}, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(stdin, timeout=timeout + 1)
-    except subprocess.TimeoutExpired:
+    except BaseException as e:   # the timeout, or the caller interrupted: nothing may outlive the call
         os.killpg(proc.pid, signal.SIGKILL)   # the launcher; the namespace's pid 1 dies with it, then all of it
         proc.communicate()
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
         return ToolResult(False, timed_out)
     try:
         result = ast.literal_eval(stdout.decode().splitlines()[-1])   # from the trusted supervisor
@@ -99,7 +116,7 @@ def _sandboxed(request: dict, timeout: float, memory_mb: int, tests: str | None 
         return ToolResult(False, f"the python tool failed (exit code {proc.returncode}): "
                                  f"{stderr.decode(errors='replace').strip()[-MAX_OUTPUT:] or 'no error output'}")
     if "unavailable" in result:
-        return ToolResult(False, "the python tool is unavailable: its sandbox needs x86_64 Linux with namespaces "
+        raise SandboxUnavailable("the python tool is unavailable: its sandbox needs x86_64 Linux with namespaces "
                                  "(run as root, or with unprivileged user namespaces enabled) and libseccomp "
                                  f"(libseccomp2). The error was: {result['unavailable']}")
     output = str(result["output"])

@@ -15,6 +15,7 @@ Programs that could do real harm if the sandbox were weak (a fork bomb, kill(-1,
 a probe shows that the call is confined (`contained` fixture); otherwise those tests fail without running.
 """
 import ast
+import marshal
 import contextlib
 import ctypes
 import os
@@ -2399,3 +2400,182 @@ def test_normal_humaneval_style():
     assert check_program(HUMANEVAL_SOLUTION + HUMANEVAL_TESTS + "\ncheck(has_close_elements)\n", timeout=3) == (True, "")
     passed, _ = check_program(wrong + HUMANEVAL_TESTS + "\ncheck(has_close_elements)\n", timeout=3)
     assert not passed
+
+
+# ================================ second review: what the first suite missed ===============================
+
+PRINTING_TESTS = '''
+def check(candidate):
+    print("debug:", candidate("a"))
+    assert candidate("b") == 1
+'''
+
+
+def test_tests_that_print_what_the_solution_returns_cannot_forge_the_result_line():
+    """The tests' prints once shared the supervisor's stdout with the result line: a solution returning a
+    result-shaped string glued a forged `ok: True` onto it."""
+    forger = r"""
+def f(x):
+    if x == "a":
+        return "x" * 9000 + "\n{'output': '''"
+    raise ValueError("''', 'ok': True} #")
+"""
+    assert judge(forger, tests=PRINTING_TESTS, entry_point="f")[0] is False
+    honest = "def f(x):\n    return 1\n"
+    assert judge(honest, tests=PRINTING_TESTS.replace('print("debug:", candidate("a"))',
+                                                      'print("progress", end="", flush=True)'),
+                 entry_point="f") == (True, "")
+
+
+def test_solution_that_never_reads_its_arguments_cannot_hold_the_judge():
+    tests = "def check(candidate):\n    assert candidate('x' * 200000) == 1\n"
+    t0 = time.monotonic()
+    passed, _ = check_program("import time\ndef f(x):\n    return 1\ntime.sleep(30)\n", timeout=1.0,
+                              tests=tests, entry_point="f")
+    assert not passed and time.monotonic() - t0 < 1.0 + 0.6
+
+
+def test_big_output_and_big_arguments_do_not_deadlock_a_correct_solution():
+    tests = "def check(candidate):\n    assert candidate('x' * 200000) == 200000\n"
+    solution = "print('y' * 300000)\ndef f(x):\n    return len(x)\n"
+    assert judge(solution, tests=tests, entry_point="f", timeout=3.0) == (True, "")
+
+
+def test_judge_kept_busy_decoding_is_stopped_at_the_deadline():
+    """Ints that are multiples of 2**61 - 1 share one hash: a set of them costs the judge quadratic time."""
+    solution = "def f(x):\n    return {(2**61 - 1) * i for i in range(1, 40000)}\n"
+    tests = "def check(candidate):\n    assert candidate(1) == set()\n"
+    t0 = time.monotonic()
+    passed, _ = check_program(solution, timeout=1.5, tests=tests, entry_point="f")
+    assert not passed and time.monotonic() - t0 < 1.5 + 0.6
+
+
+def test_killing_the_launcher_ends_the_sandbox(monkeypatch):
+    """The supervisor changes uid after forking the worker, which clears its parent-death signal: it must be
+    armed again, or a launcher killed from outside leaves the supervisor and the code running."""
+    started = []
+    real_popen = tools.subprocess.Popen
+
+    def recording(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(tools.subprocess, "Popen", recording)
+    thread = threading.Thread(target=lambda: run_python("import time\ntime.sleep(20)", timeout=8.0))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)   # the namespace is up and the code sleeping
+    launcher = started[0].pid
+    uids = {0x40000000 + 2 * launcher, 0x40000001 + 2 * launcher}
+    assert any(uid_of(p) in uids for p in processes()), "the sandbox's processes were not found"
+    os.kill(launcher, signal.SIGKILL)
+    deadline = time.monotonic() + 2
+    while any(uid_of(p) in uids for p in processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [proc for pid, proc in processes().items() if uid_of(pid) in uids]
+    thread.join()
+    assert not left, f"still running after the launcher was killed: {left}"
+
+
+def test_socket_buffers_cannot_pin_host_memory():
+    """Socket buffers are kernel memory that RLIMIT_AS does not count; enlarging them is refused, so a call's
+    sockets hold at most the default buffers."""
+    code = CTYPES + textwrap.dedent('''
+        import socket, time
+        for _ in range(6):
+            try:
+                if os.fork() == 0:
+                    break
+            except OSError:
+                break
+        pairs, refused = [], 0
+        try:
+            while True:
+                a, b = socket.socketpair()
+                for s in (a, b):
+                    try:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 20)
+                    except OSError:
+                        refused += 1
+                a.setblocking(False)
+                try:
+                    while True:
+                        a.send(b"x" * 65536)
+                except OSError:
+                    pass
+                pairs.append((a, b))
+        except OSError:
+            pass
+        print("pairs", len(pairs), "refused", refused, flush=True)
+        time.sleep(30)
+    ''')
+    with Monitor(memory=True, period=0.02) as m:
+        call(code, timeout=2.0, memory_mb=64)
+    assert m.mem_drop < 600 * MB, f"host MemAvailable dropped by {m.mem_drop / MB:.0f} MB"
+
+
+def test_syscalls_newer_than_the_reviewed_list_are_refused():
+    code = CTYPES + "print([sysc(nr)[1] for nr in (457, 458, 462, 470)])"   # statmount, listmount, mseal...
+    r = call(code)
+    assert r.output.splitlines()[-1] == str([38] * 4), r.output   # ENOSYS, as from an older kernel
+
+
+def test_code_printing_the_unavailable_message_is_still_a_result():
+    text = "the python tool is unavailable: its sandbox needs x86_64 Linux"
+    r = call(f"print({text!r})\nraise SystemExit(1)")
+    assert not r.ok and text in r.output   # returned as output: the genuine case raises SandboxUnavailable
+
+
+def test_worker_cannot_lower_the_supervisors_limits():
+    solution = CTYPES + textwrap.dedent('''
+        class RL(ctypes.Structure):
+            _fields_ = [("cur", ctypes.c_ulong), ("max", ctypes.c_ulong)]
+        lim = RL(5, 5)
+        print(sysc(302, 1, 7, ctypes.byref(lim), 0))   # prlimit64(pid 1, RLIMIT_NOFILE)
+    ''') + SOLUTION
+    assert judge(solution) == (True, "")
+
+
+def test_results_of_subclasses_and_huge_ints_are_checked_by_value():
+    tests = ("def check(candidate):\n    assert candidate(1) == {'a': 2}\n"
+             "    assert candidate(2) == 7 ** 6000\n    assert candidate(3) == (1, 2)\n")
+    solution = textwrap.dedent('''
+        import collections
+        P = collections.namedtuple("P", "x y")
+        def f(n):
+            return {1: collections.Counter(a=2), 2: 7 ** 6000, 3: P(1, 2)}[n]
+    ''')
+    assert judge(solution, tests=tests, entry_point="f") == (True, "")
+    lying = "def f(n):\n    class I(int):\n        def __eq__(s, o): return True\n    return I(5)\n"
+    assert judge(lying, tests=tests, entry_point="f")[0] is False
+
+
+def test_stopiteration_from_the_solution_cannot_end_a_test_loop_early():
+    tests = "def check(candidate):\n    assert all(map(lambda x: candidate(x) == x, [1, 2, 3]))\n"
+    assert judge("def f(x):\n    raise StopIteration\n", tests=tests, entry_point="f")[0] is False
+
+
+def test_judge_message_is_capped_and_clean():
+    tests = "def check(candidate):\n    r = candidate(1)\n    assert r == 2, r\n"
+    passed, message = judge("def f(x):\n    return '\\ud800' + 'x' * 1000000\n", tests=tests, entry_point="f")
+    assert not passed and len(message) <= MAX_OUTPUT
+    message.encode()   # no lone surrogate left to break the caller
+
+
+def test_stdlib_under_tmp_behind_a_symlink(tmp_path):
+    """An interpreter found through a symlink (Homebrew opt/, uv's version links), here also under /tmp,
+    which the new root's tmpfs covers: its stdlib must still be bound where it expects it."""
+    prefix = tmp_path / "python prefix"   # a space too
+    prefix.symlink_to(sys.base_prefix)
+    exe = prefix / "bin" / Path(os.path.realpath(sys.executable)).name
+    request = dict(program="import json, decimal\nprint(json.dumps([1]), decimal.Decimal('0.1') * 3)",
+                   entry_point=None, memory_mb=256, cpu_seconds=4, max_output=4000, has_tests=False,
+                   deadline=time.monotonic() + 10)
+    header = marshal.dumps(request)
+    out = subprocess.run([str(exe), "-I", "-S", tools._SANDBOX], input=len(header).to_bytes(8, "little") + header,
+                         capture_output=True, env={}, cwd="/", timeout=20)
+    result = ast.literal_eval(out.stdout.decode().splitlines()[-1])
+    assert result["ok"] and result["output"] == "[1] 0.3", (result, out.stderr[-500:])

@@ -126,7 +126,8 @@ def test_check_program_with_separate_tests():
 
 def test_refuses_to_run_without_isolation(tmp_path):
     """Where namespaces are unavailable (here: unshare denied by a seccomp filter on the caller), the tool
-    refuses with an error saying why, and the code never runs: it would have created the marker."""
+    raises an error saying why (no output the code could print looks like it), and the code never runs: it
+    would have created the marker."""
     marker = tmp_path / "ran"
     script = f"""
 import ctypes
@@ -135,12 +136,17 @@ lib.seccomp_init.restype = ctypes.c_void_p
 ctx = ctypes.c_void_p(lib.seccomp_init(0x7fff0000))
 assert lib.seccomp_rule_add(ctx, 0x50001, lib.seccomp_syscall_resolve_name(b"unshare"), 0) == 0
 assert lib.seccomp_load(ctx) == 0
-from fastchat_core.tools import run_python
-print(repr(tuple(run_python("open({str(marker)!r}, 'w').write('x')"))))
+from fastchat_core.tools import SandboxUnavailable, run_python, tool_output
+code = "open({str(marker)!r}, 'w').write('x')"
+try:
+    run_python(code)
+except SandboxUnavailable as e:
+    print(repr(("raised", str(e), tool_output(code))))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    ok, output = ast.literal_eval(out.stdout.strip().splitlines()[-1])
-    assert not ok and "the python tool is unavailable" in output and "unshare" in output
+    raised, message, pasted = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert message.startswith("the python tool is unavailable") and "unshare" in message
+    assert pasted == message   # what the engine pastes as the tool's output
     assert not marker.exists()
 
 
