@@ -2,16 +2,44 @@
 
 Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before anything
 imports triton, which is why it happens here, at collection time. GPU tests carry @pytest.mark.gpu.
+
+Data: the suite runs from a plain clone on its own small fixtures, tests/data/ (a few items of every file of the
+data set, laid out like ../shared/data; tests/data/make_fixtures.py builds them). When FASTCHAT_DATA names a
+data folder, the tests read it instead, and the integration tests (those using the `full_data_dir` fixture,
+marked full_data: exact sizes, every item) run too; otherwise they are deselected, and one line of the summary
+says why. Without it, FASTCHAT_DATA is set to the fixtures here, at collection time, so that library code
+(which reads $FASTCHAT_DATA) sees the same folder as the tests.
 """
 import contextlib
+import gzip
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+FIXTURE_DATA = Path(__file__).resolve().parent / "data"
+
+
+def _full_data():
+    """(the full data root named by $FASTCHAT_DATA or None, why there is none: one line)."""
+    root = os.environ.get("FASTCHAT_DATA")
+    if not root:
+        return None, "FASTCHAT_DATA is not set (CI sets it to ../shared/data)"
+    if not os.path.isdir(root):
+        return None, f"FASTCHAT_DATA={root} is not a folder"
+    if Path(root).resolve() == FIXTURE_DATA:
+        return None, "FASTCHAT_DATA names the test fixtures (tests/data)"
+    return root, None
+
+
+FULL_DATA, NO_FULL_DATA = _full_data()
+DATA = FULL_DATA or str(FIXTURE_DATA)
+os.environ["FASTCHAT_DATA"] = DATA   # unchanged when it names a data folder; the fixtures otherwise
 
 import pytest  # noqa: E402
 
@@ -19,6 +47,16 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
+    # the full-data layer: deselected, not skipped, without the full set, so that a plain clone's run skips
+    # only what needs a GPU; the terminal summary says why in one line
+    full = [item for item in items if "full_data_dir" in getattr(item, "fixturenames", ())]
+    for item in full:
+        item.add_marker(pytest.mark.full_data)
+    if FULL_DATA is None and full:
+        config.hook.pytest_deselected(items=full)
+        dropped = set(full)
+        items[:] = [item for item in items if item not in dropped]
+        config.stash[_FULL_DATA_DESELECTED] = len(full)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -27,13 +65,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_FULL_DATA_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_report_header(config):
+    return f"data: {FULL_DATA}" if FULL_DATA else f"data: the test fixtures in {FIXTURE_DATA}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.stash.get(_FULL_DATA_DESELECTED, 0)
+    if n:
+        terminalreporter.write_line(f"DESELECTED {n} integration tests on the full data set (marker full_data): "
+                                    f"{NO_FULL_DATA}")
+
+
 @pytest.fixture(scope="session")
 def data_dir():
-    """The real data root ($FASTCHAT_DATA); tests that need it skip with a clear reason when it is absent."""
-    root = os.environ.get("FASTCHAT_DATA")
-    if not root or not os.path.isdir(root):
-        pytest.skip("FASTCHAT_DATA is not set to the data folder (CI sets it to ../shared/data)")
-    return root
+    """The data root: $FASTCHAT_DATA when it names a data folder, else the suite's fixtures (tests/data).
+    Either way $FASTCHAT_DATA names it too. Assert sizes with `records`, not the full set's counts."""
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def full_data_dir():
+    """The full data root ($FASTCHAT_DATA): for integration tests (exact sizes, every item); skips without it."""
+    if FULL_DATA is None:
+        pytest.skip(f"needs the full data set: {NO_FULL_DATA}")
+    return FULL_DATA
+
+
+def records(data_dir, *parts):
+    """The number of records (lines) of a .jsonl.gz file under data_dir."""
+    with gzip.open(Path(data_dir).joinpath(*parts), "rb") as f:
+        return sum(1 for _ in f)
 
 
 def tolerance(dtype):
