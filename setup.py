@@ -51,6 +51,7 @@ setup(
         "fastchat_core",
         "fastchat_core.tasks",
         "fastchat_core.eval",
+        "fastchat_core.engine",
         "fastchat_core.triton_kernels",
         "fastchat_core.train",
         "fastchat_core.serve",
@@ -77,7 +78,7 @@ setup(
         "starlette",
     ],
     extras_require={
-        "test": ["pytest", "uvicorn", "starlette", "httpx", "websockets", "matplotlib"],
+        "test": ["pytest", "uvicorn", "starlette", "httpx", "websockets", "matplotlib", "wandb"],
     },
     entry_points={"console_scripts": ["fastchat = fastchat_core.cli:main"]},
 )

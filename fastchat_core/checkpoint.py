@@ -1,6 +1,7 @@
 """Atomic, checksummed checkpoints with per-rank optimizer and loader shards, and exact resume.
 
-Layout:  <run_dir>/step_000100/{model.pt, meta.json, optim_rank{r}.pt, loader_rank{r}.json, manifest.json}
+Layout:  <run_dir>/step_000100/{model.pt, meta.json, optim_rank{r}.pt, loader_rank{r}.json, rng_rank{r}.pt,
+                                 manifest.json}
 Every rank writes its shards into step_XXXXXX.tmp/, hashing them (SHA-256) as they are written; after a barrier rank
 0 writes manifest.json (every file's size and hash) last, fsyncs and renames the folder, then rewrites
 <run_dir>/latest. A crash mid-save leaves only a .tmp folder, never a half checkpoint.
@@ -8,6 +9,8 @@ Every rank writes its shards into step_XXXXXX.tmp/, hashing them (SHA-256) as th
 Every load checks its file against the manifest, so a file damaged later (a bad disk, a truncated copy) raises
 CorruptCheckpointError naming it instead of loading wrong weights; resume_checkpoint skips such a step for the
 newest intact one. Checkpoints saved before manifests existed still load, with a warning that they are unverified.
+Resuming (optimizers given) also restores each rank's torch random number generators, so that anything drawn from
+them continues exactly as it would have without the interruption.
 """
 import hashlib
 import json
@@ -19,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastchat_core.common import home_dir, is_dist, rank, world_size
+from fastchat_core.common import UserError, home_dir, is_dist, rank, world_size
 
 MANIFEST = "manifest.json"
 FORMAT = 2  # meta["format"]: the files are listed with their SHA-256 in MANIFEST (absent: saved before checksums)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
 
 
@@ -89,6 +92,7 @@ def save_checkpoint(run_dir, step, model, optimizers, loader_state, meta, keep_l
     files[f"optim_rank{r}.pt"] = _write_atomic(tmp / f"optim_rank{r}.pt", lambda f: torch.save(optim_state, f))
     files[f"loader_rank{r}.json"] = _write_atomic(tmp / f"loader_rank{r}.json",
                                                   lambda f: f.write(json.dumps(loader_state).encode()))
+    files[f"rng_rank{r}.pt"] = _write_atomic(tmp / f"rng_rank{r}.pt", lambda f: torch.save(_rng_state(), f))
     if is_dist():  # also the barrier: a rank contributes once its shards are written
         parts = [None] * world_size()
         dist.all_gather_object(parts, files)
@@ -203,9 +207,19 @@ def load_model_state(ckpt_dir, device="cpu") -> dict:
     return _load_file(Path(ckpt_dir) / "model.pt", lambda p: torch.load(p, map_location=device, weights_only=True))
 
 
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def load_checkpoint(ckpt_dir, model, optimizers=None, device="cpu"):
-    """Restore model (and this rank's optimizer shards); returns (meta, loader_state), loader_state None when
-    the checkpoint holds no data position for this rank."""
+    """Restore model (and, given optimizers, this rank's optimizer shards and random number generators); returns
+    (meta, loader_state), loader_state None when the checkpoint holds no data position for this rank."""
     ckpt_dir = Path(ckpt_dir)
     meta = load_meta(ckpt_dir)
     _unwrap(model).load_state_dict(load_model_state(ckpt_dir, device))
@@ -219,6 +233,9 @@ def load_checkpoint(ckpt_dir, model, optimizers=None, device="cpu"):
                             lambda p: torch.load(p, map_location=device, weights_only=False))
         for opt, st in zip(optimizers, states):
             opt.load_state_dict(st)
+        rng_file = ckpt_dir / f"rng_rank{r}.pt"
+        if rng_file.exists():  # saved since checkpoints hold it; older ones continue with the generators as seeded
+            _set_rng_state(_load_file(rng_file, lambda p: torch.load(p, weights_only=True)))
     loader_file = ckpt_dir / f"loader_rank{r}.json"
     # a missing loader state is not damage to the weights: the caller decides whether restarting the data will do
     loader_state = _load_file(loader_file, _read_json) if loader_file.exists() else None
@@ -268,7 +285,8 @@ def resolve_checkpoint(path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise SystemExit(f"no checkpoint at {path}: train one first (e.g. `fastchat train base`) or pass its folder")
+        raise CheckpointError(f"no checkpoint at {path}: train one first (e.g. `fastchat train base`) or pass its "
+                              "folder")
     return latest
 
 

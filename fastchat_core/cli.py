@@ -42,6 +42,19 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def run(main, argv, prog: str) -> int:
+    """main(argv) as a command: a UserError (a flag, a path, a damaged file: the user's to fix) is printed as
+    `prog: error: message`, without a traceback, and gives exit status 1. Every `fastchat` command and every
+    `python -m fastchat_core.train.X` runs through here."""
+    from fastchat_core.common import UserError  # here, not at the top: `fastchat --help` does not load torch
+    try:
+        result = main(argv)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -59,14 +72,8 @@ def main(argv=None):
     else:
         print(f"fastchat: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from fastchat_core.checkpoint import CheckpointError
-    from fastchat_core.data import DataError
-    try:
-        result = importlib.import_module(module).main(rest)
-    except (CheckpointError, DataError) as e:   # a damaged file is the user's to fix: say which, no traceback
-        print(f"fastchat {' '.join(argv[:2] if cmd in GROUPS else argv[:1])}: error: {e}", file=sys.stderr)
-        return 1
-    return result if isinstance(result, int) else 0
+    prog = "fastchat " + " ".join(argv[:2] if cmd in GROUPS else argv[:1])
+    return run(importlib.import_module(module).main, rest, prog)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,23 @@
-"""Small shared helpers: where files live, distributed set-up, the training drivers' start-up, logging from
-rank 0."""
-import json
+"""Small shared helpers: the errors a user can fix, where files live, distributed set-up, printing from rank 0."""
 import os
-from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+
+class UserError(Exception):
+    """An error the user can fix (a flag, a path, a damaged file); the message says what to do. Library code
+    raises it and never exits; entry points (fastchat_core.cli.run) print it without a traceback and exit 1."""
+
+
+class ConfigError(UserError):
+    """Flags or environment that cannot work as given; the message names the flag or variable to change."""
+
+
+class DataError(UserError, ValueError):
+    """A data file that is missing or cannot be read as its name says; the message names the file, where in it,
+    and the fix."""
 
 
 def home_dir() -> Path:
@@ -27,10 +37,10 @@ def require_data(*parts: str) -> Path:
     """A path under $FASTCHAT_DATA that must exist; a clear error naming the fix otherwise."""
     root = data_root()
     if root is None:
-        raise SystemExit("FASTCHAT_DATA is not set: point it at a data folder (e.g. export FASTCHAT_DATA=../shared/data)")
+        raise ConfigError("FASTCHAT_DATA is not set: point it at a data folder (e.g. export FASTCHAT_DATA=../shared/data)")
     path = root.joinpath(*parts)
     if not path.exists():
-        raise SystemExit(f"missing data: {path} does not exist (check FASTCHAT_DATA={root})")
+        raise DataError(f"missing data: {path} does not exist (check FASTCHAT_DATA={root})")
     return path
 
 
@@ -80,71 +90,6 @@ def cleanup_dist():
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ---- what the drivers (train/base, sft, mid, rl, eval) share ----------------------------------------------
-
-def add_run_args(group, run_dir_help: str | None = None):
-    """The drivers' common flags on an argparse parser or group: --run-dir (when run_dir_help is given),
-    --device and --threads."""
-    if run_dir_help is not None:
-        group.add_argument("--run-dir", default=None, help=run_dir_help)
-    group.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    group.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch default)")
-
-
-class Run(NamedTuple):
-    """Where a driver runs: its rank, local rank and world size, and its device (see setup_run)."""
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    def autocast(self):
-        """bf16 autocast on CUDA, nothing on CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-
-
-def setup_run(args, seed: int | None = None, tf32: bool = True) -> Run:
-    """A driver's start-up from its add_run_args flags: CPU threads (--threads), the device (--device; a clear
-    error when CUDA is asked for and absent), torch.distributed under torchrun (init_dist), then torch's seed
-    (when given) and TF32 matmuls on CUDA (when tf32)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
-    run = Run(*init_dist(device_type))
-    if seed is not None:
-        torch.manual_seed(seed)
-    if tf32 and run.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return run
-
-
-class MetricsLog:
-    """Appends JSON records, one a line, to a metrics file (e.g. <run_dir>/metrics.jsonl), flushed as they come.
-    Only rank 0 writes; on other ranks it does nothing. A context manager: the file closes on leaving."""
-
-    def __init__(self, path):
-        self.file = open(path, "a") if rank() == 0 else None
-
-    def __call__(self, rec: dict):
-        if self.file:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
-            self.file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def git_commit() -> str:

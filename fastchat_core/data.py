@@ -23,6 +23,9 @@ documents instead would waste most of a corpus like ours: on the bundled pretrai
 a stand-in for BPE tokens and rows of 2048, a third of the documents are longer than a row and their tails
 are 54% of all tokens, so no epoch would ever show the ends of long documents. As built, 2% of the tokens
 read are discarded there (buffer_docs=1000); stats() counts them.
+
+(Over 400 lines: reading, packing and the loader's exact-resume state share one position format — file, unit,
+document — so they are kept together.)
 """
 import bisect
 import collections
@@ -47,6 +50,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from fastchat_core.common import DataError
+
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 TXT_DOC_CHARS = 100_000  # a .txt file up to this size is one document; a bigger one is split at blank lines
 VAL_EVERY = 100  # single-file data: document i is validation when i % VAL_EVERY == VAL_EVERY - 1
@@ -67,10 +72,6 @@ DEFAULT_SOURCES = {
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading documents
-
-
-class DataError(ValueError):
-    """A data file that cannot be read as its name says; the message names the file, where in it, and the fix."""
 
 
 FIX = "repair or download the file again, or move it out of the data folder"

@@ -67,7 +67,8 @@ def test_manifest_lists_every_file_with_its_checksum(saved):
     for ckpt in saved.glob("step_*"):
         manifest = json.loads((ckpt / "manifest.json").read_text())
         files = {p.name for p in ckpt.iterdir()} - {"manifest.json"}
-        assert set(manifest["files"]) == files == {"model.pt", "meta.json", "optim_rank0.pt", "loader_rank0.json"}
+        assert set(manifest["files"]) == files == {"model.pt", "meta.json", "optim_rank0.pt", "loader_rank0.json",
+                                                   "rng_rank0.pt"}
         for name, entry in manifest["files"].items():
             body = (ckpt / name).read_bytes()
             assert entry == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}, name
@@ -77,7 +78,7 @@ def test_manifest_lists_every_file_with_its_checksum(saved):
 
 @pytest.mark.parametrize("damage", [
     ("model.pt", flip), ("optim_rank0.pt", flip), ("meta.json", flip), ("loader_rank0.json", flip),
-    ("model.pt", truncate), ("optim_rank0.pt", truncate), ("model.pt", Path.unlink), ("optim_rank0.pt", Path.unlink),
+    ("rng_rank0.pt", flip), ("model.pt", truncate), ("optim_rank0.pt", truncate), ("model.pt", Path.unlink), ("optim_rank0.pt", Path.unlink),
     ("manifest.json", Path.unlink), ("manifest.json", truncate),
 ], ids=lambda d: f"{d[0]}-{d[1].__name__}")
 def test_damaged_step_is_skipped_for_the_previous_intact_one(run, damage):
@@ -137,9 +138,10 @@ def test_no_intact_checkpoint_is_a_clear_error(run, tmp_path):
     with pytest.warns(UserWarning) as warned, pytest.raises(CorruptCheckpointError, match="no intact checkpoint"):
         resume_checkpoint(run, model, optimizers)
     assert [str(w.message).split(":")[0] for w in warned] == ["skipping step_000015", "skipping step_000010"]
-    with pytest.warns(UserWarning), pytest.raises(SystemExit, match="--resume: no intact checkpoint.*without --resume"):
+    with pytest.warns(UserWarning), pytest.raises(CorruptCheckpointError,
+                                                  match="--resume: no intact checkpoint.*without --resume"):
         base.main(RUN + [f"--run-dir={run}", "--resume"])
-    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+    with pytest.raises(CheckpointError, match="--resume: no checkpoint in"):
         base.main(RUN + [f"--run-dir={tmp_path / 'empty'}", "--resume"])
 
 
@@ -170,7 +172,7 @@ def test_world_size_mismatch_is_an_error_not_damage(run):
 def test_missing_loader_state_refuses_unless_accepted(run):
     (run / "step_000015" / "loader_rank0.json").unlink()
     lines = (run / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit, match=r"holds no data loader position.*pass --accept-data-restart"):
+    with pytest.raises(CheckpointError, match=r"holds no data loader position.*pass --accept-data-restart"):
         base.main(RUN + [f"--run-dir={run}", "--resume", "--num-iterations=20"])
     assert (run / "metrics.jsonl").read_text() == lines  # refused before training a step
 

@@ -1,5 +1,6 @@
 """GRPO: the advantage and the clipped loss by hand; GSM8K answer extraction; the reward rising on a toy task;
-the engine sampling from the updated weights; 2 ranks == 1 rank; the GSM8K driver end to end (CPU)."""
+the engine sampling from the updated weights; 2 ranks == 1 rank; the GSM8K driver end to end (CPU), and its exact
+resume after a crash."""
 import json
 import shutil
 from datetime import timedelta
@@ -9,14 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import save_tiny_run, tiny_gpt
+from conftest import records, save_tiny_run, tiny_gpt
 from fastchat_core import ops
-from fastchat_core.checkpoint import load_model
+from fastchat_core.checkpoint import CheckpointError, load_model
 from fastchat_core.config import ModelConfig
 from fastchat_core.model import GPT
 from fastchat_core.optim import build_optimizers
-from fastchat_core.sampler import SamplingParams
+from fastchat_core.engine import SamplingParams
 from fastchat_core.train import rl
+from test_training import assert_same_run, by_step, dies_in_step
 from fastchat_core.triton_kernels.muon_ns import newton_schulz_reference
 
 V = 64
@@ -113,7 +115,7 @@ def test_tool_output_is_not_trained():
 
 def test_gsm8k_questions_and_reward(data_dir):
     questions, golds = rl.load_gsm8k("test")
-    assert len(questions) == len(golds) == 1319
+    assert len(questions) == len(golds) == records(data_dir, "gsm8k", "test.jsonl.gz")   # 1319: test_full_data
     assert all(isinstance(q, str) and q for q in questions)
     assert all(isinstance(float(g), float) for g in golds)   # every gold answer is a number
     assert rl.load_gsm8k("train", 3)[1] == ["72", "10", "5"]   # "#### 72" etc. ends the first 3 solutions
@@ -242,7 +244,7 @@ def test_driver_on_gsm8k(home, monkeypatch):
     assert [r["step"] for r in evals] == [0, 1, 2] and [r["step"] for r in steps] == [1, 2]
     assert all(0 <= r["eval_pass@2"] <= 1 and 0 <= r["eval_reward"] <= r["eval_pass@2"] for r in evals)
     assert all(0 < r["answer_len"] <= 6 and 0 <= r["reward"] <= r["pass@2"] <= 1 for r in steps)
-    assert out["steps"] == 2 and out["eval"] == evals[-1]
+    assert out["steps"] == 2 and out["eval_pass@2"] == evals[-1]["eval_pass@2"] and evals[-1]["step"] == 2
     model, meta = load_model(home / "rl" / "d1")   # the run folder's latest: step 2, from the SFT run
     assert meta["step"] == 2 and meta["init_from"] == str(home / "sft" / "d1" / "step_000005")
     assert model.config.depth == 1
@@ -250,7 +252,27 @@ def test_driver_on_gsm8k(home, monkeypatch):
 
 def test_driver_errors(tmp_path, monkeypatch, home):
     monkeypatch.setenv("FASTCHAT_HOME", str(tmp_path))
-    with pytest.raises(SystemExit, match="no SFT checkpoint"):
+    with pytest.raises(CheckpointError, match="no SFT checkpoint"):
         rl.main(["--tokenizer", str(home / "tokenizer" / "tokenizer.json"), "--device=cpu"])
     with pytest.raises(SystemExit):   # argparse: a group of one has no baseline
         rl.get_args(["--group-size=1"])
+
+
+def test_driver_resumes_exactly_after_a_crash(home, monkeypatch, tmp_path):
+    """Killed in step 4 after its step-2 checkpoint, then --resume: the same questions, samples, rewards, losses,
+    evaluations and final weights as a run that never stopped."""
+    monkeypatch.setenv("FASTCHAT_HOME", str(home))
+    # a tiny random model never solves GSM8K: a reward that varies between answers, so that every step learns
+    monkeypatch.setattr(rl, "gsm8k_reward", lambda reply, gold: float(sum(map(ord, reply)) % 2))
+    flags = ["--num-steps=5", "--questions-per-step=2", "--group-size=4", "--max-new-tokens=6", "--eval-every=2",
+             "--eval-questions=2", "--ppo-epochs=2", "--save-every=2", "--device=cpu", "--device-batch-size=4"]
+    rl.main(flags + [f"--run-dir={tmp_path / 'ref'}"])
+    with dies_in_step(4):
+        rl.main(flags + [f"--run-dir={tmp_path / 'run'}"])
+    assert (tmp_path / "run" / "latest").read_text() == "step_000002"
+    rl.main(flags + [f"--run-dir={tmp_path / 'run'}", "--resume"])
+    rewards = by_step(tmp_path / "ref", "reward").values()
+    assert 0 < min(rewards) and max(rewards) < 1   # the losses are not zero: the updates moved the weights
+    assert_same_run(tmp_path / "ref", tmp_path / "run", ["loss", "reward", "clip_frac", "answer_len", "eval_pass@4",
+                                                         "eval_reward"])
+    assert json.loads((tmp_path / "run" / "step_000005" / "loader_rank0.json").read_text()) == {"questions_seen": 10}

@@ -1,5 +1,5 @@
 """Chat fine-tuning drivers: rows and targets, the masked loss falling, the mid -> sft chain through
-$FASTCHAT_HOME, the generated-only fallback, clear errors, and 2 ranks == 1 rank."""
+$FASTCHAT_HOME, the generated-only fallback, clear errors, 2 ranks == 1 rank, and exact resume after a crash."""
 import json
 import os
 import subprocess
@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny_run, tiny_gpt
-from fastchat_core.checkpoint import load_model
+from fastchat_core.checkpoint import CheckpointError, load_model
+from fastchat_core.common import ConfigError
 from fastchat_core.optim import build_optimizers
 from fastchat_core.tasks.base import ListTask
 from fastchat_core.tasks.gsm8k import gsm8k_conversation
 from fastchat_core.train import mid, sft
+from test_training import assert_same_run, dies_in_step
 
 TINY = ["--device=cpu", "--threads=1", "--device-batch-size=4", "--rows-per-step=8", "--val-conversations=16"]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,12 +110,12 @@ def test_generated_tasks_without_data(env, tmp_path, capsys):
 
 def test_clear_errors(monkeypatch, tmp_path, home):
     monkeypatch.setenv("FASTCHAT_HOME", str(tmp_path))
-    with pytest.raises(SystemExit, match="no checkpoint under"):
+    with pytest.raises(CheckpointError, match="no checkpoint under"):
         mid.main(TINY)
     monkeypatch.setenv("FASTCHAT_HOME", str(home))
-    with pytest.raises(SystemExit, match="not a multiple"):
+    with pytest.raises(ConfigError, match="not a multiple"):
         sft.main(TINY + ["--rows-per-step=6"])
-    with pytest.raises(SystemExit, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
         sft.main(TINY + [f"--init-from={tmp_path}/nope"])
 
 
@@ -143,3 +145,20 @@ def test_two_ranks_equal_one_rank(env, home, tokenizer_file, tmp_path):
     assert len(curve("one", "loss")) == 3
     assert curve("one", "loss") == pytest.approx(curve("two", "loss"), rel=1e-5)
     assert curve("one", "val_loss") == pytest.approx(curve("two", "val_loss"), rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [mid, sft], ids=["mid", "sft"])
+def test_resume_after_a_crash_continues_exactly(env, home, tokenizer_file, tmp_path, stage):
+    """Killed in step 5 after its step-3 checkpoint, then --resume: the run ends exactly as one that never
+    stopped (the same losses, val losses, weights, optimizer state and data position), so model, optimizer, RNG,
+    data position and step all came back."""
+    env.delenv("FASTCHAT_DATA", raising=False)   # the generated tasks: no data files to read
+    flags = TINY + ["--num-iterations=8", "--limit=64", "--eval-every=3", "--save-every=3", "--init-lr-frac=0.5",
+                    f"--init-from={home / 'base' / 'd1'}", f"--tokenizer={tokenizer_file}"]
+    stage.main(flags + [f"--run-dir={tmp_path / 'ref'}"])
+    with dies_in_step(5):
+        stage.main(flags + [f"--run-dir={tmp_path / 'run'}"])
+    assert (tmp_path / "run" / "latest").read_text() == "step_000003"
+    stage.main(flags + [f"--run-dir={tmp_path / 'run'}", "--resume"])
+    assert_same_run(tmp_path / "ref", tmp_path / "run", ["loss", "tokens", "val_loss"])
+    assert json.loads((tmp_path / "run" / "step_000008" / "loader_rank0.json").read_text()) == {"i": 16}

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from fastchat_core.common import ConfigError
 from fastchat_core.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
 from fastchat_core.train import tokenizer as tokenizer_cli
 
@@ -251,7 +252,7 @@ def test_cli_eval_builtin_samples(tok, tmp_path, capsys):
 
 
 def test_cli_eval_missing_tokenizer(tmp_path):
-    with pytest.raises(SystemExit, match="fastchat tokenizer train"):
+    with pytest.raises(ConfigError, match="fastchat tokenizer train"):
         tokenizer_cli.main(["eval", "--tokenizer", str(tmp_path / "none.json")])
 
 

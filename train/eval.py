@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from fastchat_core.checkpoint import load_model, resolve_checkpoint
-from fastchat_core.common import add_run_args, cleanup_dist, data_root, print0, setup_run
+from fastchat_core.cli import run as run_command
+from fastchat_core.common import ConfigError, DataError, data_root, print0
+from fastchat_core.training import add_run_args, setup_run
 
 
 def get_args(argv=None):
@@ -53,7 +55,7 @@ def load_tokenizer(path, meta):
     try:
         return get_tokenizer(path)
     except FileNotFoundError as e:
-        raise SystemExit(str(e)) from e
+        raise ConfigError(str(e)) from e
 
 
 def merge_results(run_dir: Path, new: dict) -> dict:
@@ -72,7 +74,7 @@ def run_bpb(model, tokenizer, args, rank, world, device, autocast) -> dict:
     from fastchat_core.eval.bpb import evaluate_bpb
     data = args.data or (data_root() / "pretrain" if data_root() else None)
     if data is None or not Path(data).exists():
-        raise SystemExit(f"--bpb: no pretraining data at {data}: pass --data DIR or set FASTCHAT_DATA")
+        raise DataError(f"--bpb: no pretraining data at {data}: pass --data DIR or set FASTCHAT_DATA")
     B, T = args.device_batch_size, model.config.seq_len
     steps = max(1, args.bpb_tokens // (B * T * world))
     loader = DataLoader(tokenizer, data, B, T, split="val", rank=rank, world_size=world, device=device, epochs=1)
@@ -88,14 +90,14 @@ def run_chat(model, tokenizer, args, device) -> dict:
     try:
         from fastchat_core.eval.chat import CHATCORE_TASKS, chatcore
     except ImportError as e:
-        raise SystemExit(f"--chat needs fastchat_core.eval.chat, which could not be imported ({e})") from e
+        raise ConfigError(f"--chat needs fastchat_core.eval.chat, which could not be imported ({e})") from e
     if device.type == "cuda":
         model = model.to(torch.bfloat16)  # the Engine's KV cache takes the weights' dtype
     tasks = args.chat_tasks.split(",") if args.chat_tasks else CHATCORE_TASKS
     try:
         return chatcore(model, tokenizer, tasks=tasks, max_problems=args.max_per_task)
     except ValueError as e:  # e.g. an unknown --chat-tasks name
-        raise SystemExit(str(e)) from e
+        raise ConfigError(str(e)) from e
 
 
 def print_core(res):
@@ -108,7 +110,11 @@ def print_core(res):
 
 def main(argv=None):
     args = get_args(argv)
-    run = setup_run(args, tf32=False)
+    with setup_run(args, tf32=False) as run:
+        return evaluate(args, run)
+
+
+def evaluate(args, run):
     rank, _, world, device = run
     ckpt = resolve_checkpoint(args.checkpoint)
     run_dir, stage = ckpt.parent, ckpt.parent.parent.name
@@ -118,8 +124,8 @@ def main(argv=None):
     model, meta = load_model(ckpt, device)
     tokenizer = load_tokenizer(args.tokenizer, meta)
     if model.config.vocab_size != tokenizer.vocab_size:
-        raise SystemExit(f"the checkpoint's vocab ({model.config.vocab_size}) is not the tokenizer's "
-                         f"({tokenizer.vocab_size}): pass the --tokenizer it was trained with")
+        raise ConfigError(f"the checkpoint's vocab ({model.config.vocab_size}) is not the tokenizer's "
+                          f"({tokenizer.vocab_size}): pass the --tokenizer it was trained with")
     autocast = run.autocast()
     print0(f"evaluating {ckpt} ({stage}, depth {model.config.depth}, {model.num_params() / 1e6:.1f}M params)")
     where = {"checkpoint": str(ckpt), "step": meta.get("step")}
@@ -133,7 +139,7 @@ def main(argv=None):
             try:
                 res = evaluate_core(model, tokenizer, data_root(), args.max_per_task, device, tasks)
             except ValueError as e:  # e.g. a --core-tasks label that does not exist
-                raise SystemExit(str(e)) from e
+                raise ConfigError(str(e)) from e
         new["core"] = {**where, **res, "max_per_task": args.max_per_task, "seconds": time.perf_counter() - t0}
         print_core(res)
     if args.bpb:
@@ -147,9 +153,8 @@ def main(argv=None):
     if rank == 0:
         merge_results(run_dir, new)
         print0(f"wrote {run_dir / 'eval.json'}")
-    cleanup_dist()
     return new
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(main, sys.argv[1:], "fastchat train eval"))

@@ -4,12 +4,13 @@ The step between pretraining and SFT: the base model learns the chat format and 
 calls (GSM8K's calculator steps, arithmetic, spelling checks) and letter-answer multiple choice, from all
 the chat data at full learning rate. Without $FASTCHAT_DATA only the generated tasks are used.
 
-It is sft.py's loop with two differences: conversations are *packed* into full rows of seq_len tokens
+It is sft.py's stage with two differences: conversations are *packed* into full rows of seq_len tokens
 (whole conversations, each after its own <|bos|>, as pretraining packs documents), and the mixture is
 broader. The loss is still on the assistant's tokens only. Saves to $FASTCHAT_HOME/mid/d<depth>.
 """
 import sys
 
+from fastchat_core.cli import run as run_command
 from fastchat_core.common import data_root, print0
 from fastchat_core.tasks.base import TaskMixture
 from fastchat_core.train import sft
@@ -43,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(main, sys.argv[1:], "fastchat train mid"))

@@ -14,23 +14,25 @@ The engine reads the model's parameters in place (the optimizers update them in 
 graphs stay valid; its concatenated q/k/v copy is refreshed when they change). Its prefix cache is emptied
 before each rollout (cached K/V would come from older weights); within a rollout the G answers to a question
 share its prompt's K/V (the scheduler holds copies back a step while the first one computes it).
+
+The loop around the steps (progress line, metrics.jsonl, checkpoints with --save-every, exact --resume) is
+fastchat_core.training's; the progress line's tok/s counts the answers' sampled tokens.
 """
 import argparse
 import hashlib
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint, save_checkpoint
-from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, home_dir, is_dist, print0, setup_run
-from fastchat_core.engine import Engine
-from fastchat_core.optim import add_optim_args, apply_schedules, build_optimizers
-from fastchat_core.sampler import SamplingParams
+from fastchat_core.checkpoint import CheckpointError, load_model, newest_checkpoint, resolve_checkpoint
+from fastchat_core.cli import run as run_command
+from fastchat_core.common import ConfigError, home_dir, is_dist, print0
+from fastchat_core.engine import Engine, SamplingParams
+from fastchat_core.optim import add_optim_args, build_optimizers
+from fastchat_core.training import Trainer, accumulate, add_loop_args, add_run_args, setup_run, step_optimizers
 
 
 def get_args(argv=None):
@@ -60,6 +62,7 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out GSM8K test (0 = never)")
     g.add_argument("--eval-questions", type=int, default=200, help="the first N GSM8K test questions")
     add_run_args(g, "default $FASTCHAT_HOME/rl/d<depth>")
+    add_loop_args(g)
     args = p.parse_args(argv)
     if args.group_size < 2:
         p.error("--group-size must be >= 2: advantages compare answers within a group")
@@ -181,27 +184,28 @@ def policy_update(model, optimizers, rows, advantages, args, autocast=nullcontex
         dist.all_reduce(num_tokens)
         num_tokens /= dist.get_world_size()
     B = args.device_batch_size
-    chunks = [(_pad(rows[i:i + B], device), advantages[i:i + B].to(device)) for i in range(0, len(rows), B)]
+    chunks = [(j, _pad(rows[i:i + B], device), advantages[i:i + B].to(device))
+              for j, i in enumerate(range(0, len(rows), B))]
     old = [None] * len(chunks)
+    stats = torch.zeros(2, device=device)   # clipped tokens, tokens: on the device, one sync at the end
+
+    def loss_fn(chunk):
+        j, (x, y), adv = chunk
+        logp = -model(x, y, reduction="none")
+        if old[j] is None:
+            old[j] = logp.detach()
+        mask = y != -1
+        loss, clip_frac = clipped_policy_loss(logp, old[j], adv, mask, args.clip_eps, num_tokens)
+        n = mask.sum()
+        stats[0] += clip_frac.detach() * n
+        stats[1] += n
+        return loss, loss
+
     for _ in range(args.ppo_epochs):
-        # statistics stay on the device: one sync at the end, not three per micro-batch
-        loss_sum, clipped, tokens = (torch.zeros((), device=device) for _ in range(3))
-        for j, ((x, y), adv) in enumerate(chunks):
-            with autocast:
-                logp = -model(x, y, reduction="none")
-            if old[j] is None:
-                old[j] = logp.detach()
-            mask = y != -1
-            loss, clip_frac = clipped_policy_loss(logp, old[j], adv, mask, args.clip_eps, num_tokens)
-            loss.backward()
-            n = mask.sum()
-            loss_sum += loss.detach()
-            clipped += clip_frac.detach() * n
-            tokens += n
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-    return {"loss": loss_sum.item(), "clip_frac": (clipped / tokens.clamp(min=1)).item()}
+        stats.zero_()
+        loss_sum = accumulate(chunks, loss_fn, autocast)
+        step_optimizers(model, optimizers)
+    return {"loss": loss_sum.item(), "clip_frac": (stats[0] / stats[1].clamp(min=1)).item()}
 
 
 def grpo_step(model, engine, optimizers, prompts, reward_fn, args, seeds, autocast=nullcontext()):
@@ -237,47 +241,64 @@ def evaluate(engine, prompts, golds, args, rank, world, device, step) -> dict:
     return {f"eval_pass@{args.group_size}": passed / max(n, 1), "eval_reward": reward / max(n * args.group_size, 1)}
 
 
-def main(argv=None):
-    args = get_args(argv)
-    run = setup_run(args)   # TF32 on CUDA: the engine samples with the fp32 master weights
-    rank, _, world, device = run
-    Q, G = args.questions_per_step, args.group_size
-    if Q % world:
-        raise SystemExit(f"--questions-per-step {Q} does not split over {world} ranks; use a multiple of {world}")
+def load_policy(args, device):
+    """The SFT checkpoint to start from (--init-from, else the newest $FASTCHAT_HOME/sft run), its model and the
+    tokenizer."""
     from fastchat_core.tokenizer import get_tokenizer
     tokenizer = get_tokenizer(args.tokenizer)
     ckpt = resolve_checkpoint(args.init_from) if args.init_from else newest_checkpoint(["sft"])
     if ckpt is None:
-        raise SystemExit(f"no SFT checkpoint under {home_dir() / 'sft'}: run `fastchat train sft` first "
-                         "or pass --init-from")
+        raise CheckpointError(f"no SFT checkpoint under {home_dir() / 'sft'}: run `fastchat train sft` first "
+                              "or pass --init-from")
     model, _ = load_model(ckpt, device)
-    cfg = model.config
-    if cfg.vocab_size != tokenizer.vocab_size:
-        raise SystemExit(f"the checkpoint's vocab ({cfg.vocab_size}) is not the tokenizer's "
-                         f"({tokenizer.vocab_size}): pass the --tokenizer it was trained with")
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"the checkpoint's vocab ({model.config.vocab_size}) is not the tokenizer's "
+                          f"({tokenizer.vocab_size}): pass the --tokenizer it was trained with")
+    return ckpt, model, tokenizer
 
-    # Prompts that leave no room for an answer within the model's context are dropped.
-    context = model.cos.size(0)
 
-    def prepare(split, limit=None):
-        questions, golds = load_gsm8k(split, limit)
-        prompts = [tokenizer.render_for_completion([{"role": "user", "content": q}]) for q in questions]
-        keep = [i for i, p in enumerate(prompts) if len(p) + args.max_new_tokens <= context]
-        return [prompts[i] for i in keep], [golds[i] for i in keep]
+def gsm8k_prompts(tokenizer, split, limit, room):
+    """(prompts, gold answers) of a GSM8K split's first `limit` questions, keeping the prompts of at most `room`
+    tokens: the others leave no room for an answer within the model's context."""
+    questions, golds = load_gsm8k(split, limit)
+    prompts = [tokenizer.render_for_completion([{"role": "user", "content": q}]) for q in questions]
+    keep = [i for i, p in enumerate(prompts) if len(p) <= room]
+    return [prompts[i] for i in keep], [golds[i] for i in keep]
 
-    train_prompts, train_golds = prepare("train")
-    eval_prompts, eval_golds = prepare("test", args.eval_questions) if args.eval_every else ([], [])
+
+def main(argv=None):
+    args = get_args(argv)
+    with setup_run(args) as run:   # TF32 on CUDA: the engine samples with the fp32 master weights
+        return train(args, run)
+
+
+def train(args, run):
+    """GRPO steps on GSM8K train; the sampling needs no state of its own to resume: answer j to question i of step
+    s is drawn with sample_seed(--seed, s, i, j), and the questions are a fixed shuffle read from `questions_seen`."""
+    rank, _, world, device = run
+    Q, G = args.questions_per_step, args.group_size
+    if Q % world:
+        raise ConfigError(f"--questions-per-step {Q} does not split over {world} ranks; use a multiple of {world}")
+    ckpt, model, tokenizer = load_policy(args, device)
+    room = model.max_context - args.max_new_tokens
+    train_prompts, train_golds = gsm8k_prompts(tokenizer, "train", None, room)
+    eval_prompts, eval_golds = [], []
+    if args.eval_every:
+        eval_prompts, eval_golds = gsm8k_prompts(tokenizer, "test", args.eval_questions, room)
     if not train_prompts:
-        raise SystemExit(f"no GSM8K question fits the context of {context} tokens with --max-new-tokens "
-                         f"{args.max_new_tokens}: lower --max-new-tokens")
+        raise ConfigError(f"no GSM8K question fits the context of {model.max_context} tokens with --max-new-tokens "
+                          f"{args.max_new_tokens}: lower --max-new-tokens")
     order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     num_steps = args.num_steps if args.num_steps > 0 else max(1, len(train_prompts) // Q)
-    run_dir = Path(args.run_dir or home_dir() / "rl" / f"d{cfg.depth}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                   unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
+    cfg = model.config
+    trainer = Trainer(args, run, model, optimizers, args.run_dir or home_dir() / "rl" / f"d{cfg.depth}", num_steps,
+                      stage="rl", meta={"model_config": cfg.to_dict(), "args": vars(args), "init_from": str(ckpt)},
+                      warmdown_ratio=1.0)   # linear decay to 0
+    data = {"questions_seen": 0, **(trainer.resume() or {})}
     q_rank = Q // world
+    # after resume: the engine reads the weights it restored
     max_len = max(map(len, train_prompts + eval_prompts)) + args.max_new_tokens
     engine = make_engine(model, tokenizer, q_rank * G, max_len)
     autocast = run.autocast()
@@ -285,44 +306,25 @@ def main(argv=None):
            f"{Q} questions x {G} answers over {world} ranks; {len(train_prompts)} train / "
            f"{len(eval_prompts)} eval questions")
 
-    with MetricsLog(run_dir / "metrics.jsonl") as log:
-        def run_eval(at):
-            rec = {"step": at, **evaluate(engine, eval_prompts, eval_golds, args, rank, world, device, at)}
-            print0(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-            log(rec)
-            return rec
+    def train_step(step):
+        picks = [order[(data["questions_seen"] + rank * q_rank + j) % len(order)] for j in range(q_rank)]
+        seeds = [[sample_seed(args.seed, step, i, j) for j in range(G)] for i in picks]
+        rewards, groups, stats = grpo_step(model, engine, optimizers, [train_prompts[i] for i in picks],
+                                           lambda i, r: gsm8k_reward(r.text, train_golds[picks[i]]), args, seeds,
+                                           autocast)
+        data["questions_seen"] += Q
+        n_tok = sum(len(r.token_ids) for group in groups for r in group)
+        reward_sum, passed, n_gen, loss, clip = _global_sum(
+            [rewards.sum().item(), (rewards.max(dim=1).values > 0).sum().item(), n_tok, stats["loss"],
+             stats["clip_frac"]], device)
+        return int(n_gen), {"loss": loss / world, "reward": reward_sum / (Q * G), f"pass@{G}": passed / Q,
+                            "answer_len": n_gen / (Q * G), "clip_frac": clip / world}
 
-        last_eval = None
-        for step in range(num_steps):
-            if args.eval_every and eval_prompts and step % args.eval_every == 0:
-                last_eval = run_eval(step)
-            t0 = time.perf_counter()
-            picks = [order[(step * Q + rank * q_rank + j) % len(order)] for j in range(q_rank)]
-            seeds = [[sample_seed(args.seed, step, i, j) for j in range(G)] for i in picks]
-            lrm = apply_schedules(optimizers, step, num_steps, warmdown_ratio=1.0)   # linear decay to 0
-            rewards, groups, stats = grpo_step(model, engine, optimizers, [train_prompts[i] for i in picks],
-                                               lambda i, r: gsm8k_reward(r.text, train_golds[picks[i]]), args, seeds,
-                                               autocast)
-            n_tok = sum(len(r.token_ids) for group in groups for r in group)
-            reward_sum, passed, n_gen, loss, clip = _global_sum(
-                [rewards.sum().item(), (rewards.max(dim=1).values > 0).sum().item(), n_tok, stats["loss"],
-                 stats["clip_frac"]], device)
-            dt = time.perf_counter() - t0
-            rec = {"step": step + 1, "reward": reward_sum / (Q * G), f"pass@{G}": passed / Q,
-                   "answer_len": n_gen / (Q * G), "loss": loss / world, "clip_frac": clip / world, "lrm": lrm,
-                   "dt": dt}
-            log(rec)
-            print0(f"step {step + 1:5d}/{num_steps} | reward {rec['reward']:.3f} | pass@{G} {rec[f'pass@{G}']:.3f} | "
-                   f"answer {rec['answer_len']:.0f} tok | {dt:.1f} s")
+    def run_eval(step):
+        return evaluate(engine, eval_prompts, eval_golds, args, rank, world, device, step)
 
-        if args.eval_every and eval_prompts:
-            last_eval = run_eval(num_steps)
-        meta = {"model_config": cfg.to_dict(), "args": vars(args), "init_from": str(ckpt)}
-        save_checkpoint(run_dir, num_steps, model, optimizers, {"step": num_steps}, meta)
-        print0(f"saved {run_dir}")
-    cleanup_dist()
-    return {"steps": num_steps, "eval": last_eval}
+    return trainer.fit(train_step, lambda: dict(data), run_eval if eval_prompts else None, args.eval_every)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(main, sys.argv[1:], "fastchat train rl"))

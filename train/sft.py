@@ -10,12 +10,11 @@ of such tokens in the whole step over all ranks, so each trained token weighs th
 rank. train/mid.py runs this same loop with packed rows, a broader mixture and full learning rates.
 
 Under torchrun rank r takes conversations r, r + N, r + 2N, ... of the mixture, and the optimizers average
-the gradients inside step(). Progress line, metrics.jsonl, validation loss on held-out conversations, and a
-checkpoint at the end in $FASTCHAT_HOME/<stage>/d<depth>.
+the gradients inside step(). Validation loss on held-out conversations; the loop around the steps (progress
+line, metrics.jsonl, checkpoints in $FASTCHAT_HOME/<stage>/d<depth> with --save-every, exact --resume) is
+fastchat_core.training's.
 """
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint, save_checkpoint
-from fastchat_core.common import MetricsLog, add_run_args, cleanup_dist, data_root, home_dir, print0, setup_run
-from fastchat_core.optim import add_optim_args, apply_schedules, build_optimizers
+from fastchat_core.checkpoint import CheckpointError, load_model, newest_checkpoint, resolve_checkpoint
+from fastchat_core.cli import run as run_command
+from fastchat_core.common import ConfigError, data_root, home_dir, print0
+from fastchat_core.optim import add_optim_args, build_optimizers
 from fastchat_core.tasks.arithmetic import Arithmetic
 from fastchat_core.tasks.base import TaskMixture
 from fastchat_core.tasks.identity import Identity
 from fastchat_core.tasks.spelling import Spelling, SpellingCount
 from fastchat_core.tokenizer import get_tokenizer
+from fastchat_core.training import Trainer, accumulate, add_loop_args, add_run_args, setup_run, step_optimizers
 
 
 def get_args(argv=None, stage="sft", doc=__doc__, **defaults):
@@ -61,8 +62,8 @@ def get_args(argv=None, stage="sft", doc=__doc__, **defaults):
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
     add_run_args(g, f"default $FASTCHAT_HOME/{stage}/d<depth>")
+    add_loop_args(g)
     g.add_argument("--eval-every", type=int, default=0, help="val loss every N steps (0 = at start and end)")
-    g.add_argument("--log-every", type=int, default=1)
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
     if args.epochs < 1 or args.device_batch_size < 1 or args.rows_per_step < 1:
@@ -137,133 +138,140 @@ def collate(rows, pad_id: int, width: int | None = None):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def train(args, make_tasks, stage: str = "sft", pack: bool = False, init_stages=("mid", "base")):
-    """Fine-tune a checkpoint on the tasks `make_tasks(args) -> (train, val)` (this rank's share of each)
-    and save it; returns a summary dict. The tasks load after the checkpoint and flags are checked, so a
-    mistake there fails at once."""
-    run = setup_run(args, seed=args.seed)
-    rank, _, world, device = run
+class RowBatches:
+    """Micro-batches of B rows cycling through this rank's rendered rows; its state is how many it has served."""
 
+    def __init__(self, rows, B, pad_id, width, state=None):
+        self.rows, self.B, self.pad_id, self.width = rows, B, pad_id, width
+        self.i = (state or {}).get("i", 0)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = self.i * self.B
+        self.i += 1
+        return collate([self.rows[(start + j) % len(self.rows)] for j in range(self.B)], self.pad_id, self.width)
+
+    def state_dict(self):
+        return {"i": self.i}
+
+
+def load_init(args, init_stages, device):
+    """The checkpoint to fine-tune (--init-from, else the newest run of init_stages), its model and meta, and the
+    tokenizer (--tokenizer, else the one it was trained with) with its path."""
     init = args.init_from or newest_checkpoint(init_stages)
     if init is None:
         where = " or ".join(str(home_dir() / s) for s in init_stages)
-        raise SystemExit(f"no checkpoint under {where}: train one first (`fastchat train {init_stages[-1]}`) "
-                         "or pass --init-from DIR")
+        raise CheckpointError(f"no checkpoint under {where}: train one first (`fastchat train {init_stages[-1]}`) "
+                              "or pass --init-from DIR")
     init = resolve_checkpoint(init)
     model, meta = load_model(init, device)
-    model.train()
-    cfg = model.config
     tokenizer_path = args.tokenizer or meta["args"].get("tokenizer")   # None: the default location
     tokenizer = get_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise SystemExit(f"the tokenizer has {tokenizer.vocab_size} tokens but {init} was trained with "
-                         f"{cfg.vocab_size}: pass the checkpoint's tokenizer with --tokenizer")
-    T = args.seq_len or cfg.seq_len
-    if not 8 <= T <= model.cos.size(0):
-        raise SystemExit(f"--seq-len must be between 8 and {model.cos.size(0)} (4x the model's training length)")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but {init} was trained with "
+                          f"{model.config.vocab_size}: pass the checkpoint's tokenizer with --tokenizer")
+    return init, model, tokenizer, tokenizer_path
+
+
+def batch_shape(args, model, world) -> tuple[int, int]:
+    """(tokens per row, micro-steps per optimizer step) from the flags, checked."""
+    T = args.seq_len or model.config.seq_len
+    if not 8 <= T <= model.max_context:
+        raise ConfigError(f"--seq-len must be between 8 and {model.max_context} (4x the model's training length)")
     B = args.device_batch_size
     if args.rows_per_step % (B * world):
-        raise SystemExit(f"--rows-per-step {args.rows_per_step} is not a multiple of device_batch_size*ranks = "
-                         f"{B}*{world}; pick e.g. {B * world * max(1, args.rows_per_step // (B * world))}")
-    accum = args.rows_per_step // (B * world)
+        raise ConfigError(f"--rows-per-step {args.rows_per_step} is not a multiple of device_batch_size*ranks = "
+                          f"{B}*{world}; pick e.g. {B * world * max(1, args.rows_per_step // (B * world))}")
+    return T, args.rows_per_step // (B * world)
 
+
+def render_data(args, make_tasks, tokenizer, T, pack, run):
+    """This rank's share of the (train, val) rows, rendered up front: the step count must be known for the LR
+    schedule and equal on every rank, and fine-tuning sets are small enough (tens of thousands of conversations)
+    to hold. Returns (rows, val rows, the fewest rows any rank has, conversations used, conversations skipped)."""
     train_task, val_task = make_tasks(args)
-    # Render this rank's share up front: the step count must be known for the LR schedule and equal on
-    # every rank, and fine-tuning sets are small enough (tens of thousands of conversations) to hold.
-    t0 = time.perf_counter()
     n_train = min(len(train_task), args.limit) if args.limit else len(train_task)
-    rows, skipped = render_rows(tokenizer, train_task, range(rank, n_train, world), T + 1, pack)
+    rows, skipped = render_rows(tokenizer, train_task, range(run.rank, n_train, run.world), T + 1, pack)
     n_val = min(len(val_task), args.val_conversations)
-    val_rows, _ = render_rows(tokenizer, val_task, range(rank, n_val, world), T + 1, pack)
-    counts = torch.tensor([len(rows)], device=device)
-    if world > 1:
+    val_rows, _ = render_rows(tokenizer, val_task, range(run.rank, n_val, run.world), T + 1, pack)
+    counts = torch.tensor([len(rows)], device=run.device)
+    if run.world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.MIN)
-    min_rows = int(counts.item())
-    if min_rows == 0:
-        raise SystemExit(f"a rank got no training rows from {n_train} conversations over {world} ranks: give "
-                         "more data (--limit) or use fewer ranks")
-    num_steps = args.num_iterations if args.num_iterations > 0 else max(1, min_rows // (B * accum))
-    print0(f"{stage}: {init} | {n_train:,} conversations -> {len(rows):,} rows on rank 0 ({skipped} skipped: "
-           f"nothing to learn within {T + 1} tokens), rendered in {time.perf_counter() - t0:.1f} s")
-    print0(f"batch: {B} rows x {world} ranks x {accum} accum = {args.rows_per_step} rows/step, "
-           f"{'packed' if pack else 'padded'} to {'' if pack else 'at most '}{T} tokens; {num_steps} steps; "
-           f"device {device}")
+    if counts.item() == 0:
+        raise ConfigError(f"a rank got no training rows from {n_train} conversations over {run.world} ranks: give "
+                          "more data (--limit) or use fewer ranks")
+    return rows, val_rows, int(counts.item()), n_train, skipped
 
-    run_dir = Path(args.run_dir or home_dir() / stage / f"d{cfg.depth}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    optimizers = build_optimizers(model, matrix_lr=args.matrix_lr * args.init_lr_frac,
-                                  embedding_lr=args.embedding_lr * args.init_lr_frac,
-                                  unembedding_lr=args.unembedding_lr * args.init_lr_frac,
-                                  weight_decay=args.weight_decay)
-    autocast = run.autocast()
-    width = T + 1 if pack else None   # packed rows have one shape; padded ones the longest of the batch
 
-    def micro_batch(k):
-        """This rank's k-th micro-batch of B rows, cycling through its rows."""
-        return collate([rows[(k * B + j) % len(rows)] for j in range(B)], tokenizer.bos_id, width)
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss per trained token over the held-out rows of every rank."""
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for start in range(0, len(val_rows), B):
-            x, y = collate(val_rows[start:start + B], tokenizer.bos_id, width)
-            x, y = x.to(device), y.to(device)
-            with autocast:
-                sums[0] += model(x, y, reduction="sum").double()
-            sums[1] += (y >= 0).sum()
-        if world > 1:
-            dist.all_reduce(sums)
+def train(args, make_tasks, stage: str = "sft", pack: bool = False, init_stages=("mid", "base")):
+    """Fine-tune a checkpoint on the tasks `make_tasks(args) -> (train, val)` (this rank's share of each)
+    and save it; returns the loop's summary. The tasks load after the checkpoint and flags are checked, so a
+    mistake there fails at once."""
+    with setup_run(args, seed=args.seed) as run:
+        init, model, tokenizer, tokenizer_path = load_init(args, init_stages, run.device)
         model.train()
-        return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+        T, accum = batch_shape(args, model, run.world)
+        B, world, device = args.device_batch_size, run.world, run.device
+        t0 = time.perf_counter()
+        rows, val_rows, min_rows, n_train, skipped = render_data(args, make_tasks, tokenizer, T, pack, run)
+        num_steps = args.num_iterations if args.num_iterations > 0 else max(1, min_rows // (B * accum))
+        print0(f"{stage}: {init} | {n_train:,} conversations -> {len(rows):,} rows on rank 0 ({skipped} skipped: "
+               f"nothing to learn within {T + 1} tokens), rendered in {time.perf_counter() - t0:.1f} s")
+        print0(f"batch: {B} rows x {world} ranks x {accum} accum = {args.rows_per_step} rows/step, "
+               f"{'packed' if pack else 'padded'} to {'' if pack else 'at most '}{T} tokens; {num_steps} steps; "
+               f"device {device}")
 
-    with MetricsLog(run_dir / "metrics.jsonl") as log:
-        for step in range(num_steps):
-            if step == 0 or (args.eval_every and step % args.eval_every == 0):
-                val = evaluate()
-                print0(f"step {step:5d} | val loss {val:.4f}")
-                log({"step": step, "val_loss": val})
-            t0 = time.perf_counter()
-            batches = [micro_batch(step * accum + m) for m in range(accum)]
-            # Normalize by the trained tokens of the whole step on all ranks: the optimizers *average* gradients
-            # over ranks, hence the factor `world`.
-            n_tokens = torch.tensor(float(sum((y >= 0).sum().item() for _, y in batches)), device=device)
-            if world > 1:
-                dist.all_reduce(n_tokens)
-            loss_sum = torch.zeros((), device=device)
-            for x, y in batches:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        frac = args.init_lr_frac
+        optimizers = build_optimizers(model, matrix_lr=args.matrix_lr * frac, embedding_lr=args.embedding_lr * frac,
+                                      unembedding_lr=args.unembedding_lr * frac, weight_decay=args.weight_decay)
+        run_args = dict(vars(args), init_from=str(init), tokenizer=tokenizer_path and str(tokenizer_path))
+        trainer = Trainer(args, run, model, optimizers, args.run_dir or home_dir() / stage / f"d{model.config.depth}",
+                          num_steps, stage=stage, meta={"model_config": model.config.to_dict(), "args": run_args},
+                          warmdown_ratio=args.warmdown_ratio, flops_per_token=model.config.flops_per_token())
+        width = T + 1 if pack else None   # packed rows have one shape; padded ones the longest of the batch
+        batches = RowBatches(rows, B, tokenizer.bos_id, width, trainer.resume())
+        autocast = run.autocast()
+
+        @torch.no_grad()
+        def evaluate(step):
+            """Mean loss per trained token over the held-out rows of every rank."""
+            model.eval()
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
+            for start in range(0, len(val_rows), B):
+                x, y = collate(val_rows[start:start + B], tokenizer.bos_id, width)
+                x, y = x.to(device), y.to(device)
                 with autocast:
-                    loss = model(x, y, reduction="sum")
-                (loss * world / n_tokens).backward()
-                loss_sum += loss.detach()
-            lr_mult = apply_schedules(optimizers, step, num_steps, warmup_steps=0, warmdown_ratio=args.warmdown_ratio)
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
+                    sums[0] += model(x, y, reduction="sum").double()
+                sums[1] += (y >= 0).sum()
+            if world > 1:
+                dist.all_reduce(sums)
+            model.train()
+            return {"val_loss": (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")}
+
+        def train_step(step):
+            micro = [next(batches) for _ in range(accum)]
+            # Normalize by the trained tokens of the whole step on all ranks: the optimizers *average* gradients
+            # over ranks, hence the factor `world`. The tokens fed in count for tok/s.
+            counts = torch.tensor([float(sum((y >= 0).sum().item() for _, y in micro)),
+                                   float(sum(x.numel() for x, _ in micro))], device=device)
+            if world > 1:
+                dist.all_reduce(counts)
+            n_tokens = counts[0]
+
+            def loss_fn(batch):
+                x, y = (t.to(device, non_blocking=True) for t in batch)
+                loss = model(x, y, reduction="sum")
+                return loss * world / n_tokens, loss
+
+            loss_sum = accumulate(micro, loss_fn, autocast)
+            step_optimizers(model, optimizers)
             if world > 1:
                 dist.all_reduce(loss_sum)
-            train_loss = (loss_sum / n_tokens).item()
-            dt = time.perf_counter() - t0
-            if not math.isfinite(train_loss):
-                raise SystemExit(f"loss is {train_loss} at step {step + 1}: lower the learning rates (--init-lr-frac)")
-            log({"step": step + 1, "loss": train_loss, "lr_mult": lr_mult, "tokens": int(n_tokens.item()), "dt": dt})
-            if (step + 1) % args.log_every == 0 or step + 1 == num_steps:
-                print0(f"step {step + 1:5d}/{num_steps} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | "
-                       f"{int(n_tokens.item()):,} trained tokens | {dt * 1000:.0f} ms")
+            return int(counts[1].item()), {"loss": (loss_sum / n_tokens).item(), "tokens": int(n_tokens.item())}
 
-        val = evaluate()
-        print0(f"final val loss: {val:.4f}")
-        log({"step": num_steps, "val_loss": val})
-        run_args = dict(vars(args), init_from=str(init), tokenizer=tokenizer_path and str(tokenizer_path))
-        ckpt = save_checkpoint(run_dir, num_steps, model, optimizers, None,
-                               {"model_config": cfg.to_dict(), "args": run_args, "stage": stage, "val_loss": val})
-        summary = {"steps": num_steps, "train_loss": train_loss, "val_loss": val, "checkpoint": str(ckpt)}
-        log({"summary": summary})
-        print0("summary: " + json.dumps(summary))
-    cleanup_dist()
-    return summary
+        return trainer.fit(train_step, batches.state_dict, evaluate, args.eval_every)
 
 
 def main(argv=None):
@@ -272,4 +280,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(main, sys.argv[1:], "fastchat train sft"))

@@ -8,9 +8,12 @@ beside GPT-2's and GPT-4's tokenizers when tiktoken can load them without a netw
 """
 import argparse
 import socket
+import sys
 import time
 from pathlib import Path
 
+from fastchat_core.cli import run as run_command
+from fastchat_core.common import ConfigError, DataError
 from fastchat_core.data import iter_texts, list_files
 from fastchat_core.tokenizer import Tokenizer, default_path, get_tokenizer
 
@@ -48,11 +51,11 @@ SAMPLES = {
 
 
 def data_files(path) -> list[Path]:
-    """fastchat_core.data.list_files, with its errors as a clear exit for the command line."""
+    """fastchat_core.data.list_files, its errors naming the flag."""
     try:
         return list_files(path)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--data: {e}") from None
+        raise DataError(f"--data: {e}") from None
 
 
 def capped_texts(docs, max_chars: int, doc_cap: int):
@@ -115,7 +118,7 @@ def evaluate(args):
     try:
         tok = get_tokenizer(args.tokenizer)
     except FileNotFoundError as e:
-        raise SystemExit(str(e)) from e
+        raise ConfigError(str(e)) from e
     texts = dict(SAMPLES)
     if args.data:
         heldout = data_files(args.data)[-1]
@@ -151,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, sys.argv[1:], "fastchat tokenizer"))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastchat_core.common import is_dist, print0, rank, require_data, world_size
+from fastchat_core.common import DataError, is_dist, print0, rank, require_data, world_size
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234  # item i draws its examples with random.Random(FEWSHOT_SEED + i)
@@ -37,8 +37,8 @@ def load_tasks(data_dir=None) -> list[dict]:
     """The entries of core/core_tasks.json (all 22, present or not) under data_dir ($FASTCHAT_DATA by default)."""
     path = Path(data_dir) / "core" / "core_tasks.json" if data_dir else require_data("core", "core_tasks.json")
     if not path.exists():
-        raise SystemExit(f"no CORE task list at {path}: point FASTCHAT_DATA (or data_dir) at the data folder "
-                         "that holds core/core_tasks.json")
+        raise DataError(f"no CORE task list at {path}: point FASTCHAT_DATA (or data_dir) at the data folder "
+                        "that holds core/core_tasks.json")
     tasks = json.loads(path.read_text())["tasks"]
     for t in tasks:
         if t["icl_task_type"] not in TASK_TYPES:
