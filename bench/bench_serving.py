@@ -83,8 +83,7 @@ def drive(engine, prompts, params):
 
 def run_engine(model, reqs, **kw):
     """One engine.generate over the workload after a warm-up; works on CPU too (smoke tests)."""
-    from fastchat_core.engine import Engine
-    from fastchat_core.sampler import SamplingParams
+    from fastchat_core.engine import Engine, SamplingParams
     engine = Engine(model, **kw)
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     warm = [[1, 2, 3, 4] * 8] * 4
@@ -121,8 +120,7 @@ def profile_engine(model, reqs, path, start=200, steps=40):
     import io
     import pstats
     from torch.profiler import ProfilerActivity, profile
-    from fastchat_core.engine import Engine
-    from fastchat_core.sampler import SamplingParams
+    from fastchat_core.engine import Engine, SamplingParams
     engine = Engine(model)
     for p, o in reqs:
         engine.add_request(p, SamplingParams(max_tokens=o, temperature=0, ignore_eos=True))

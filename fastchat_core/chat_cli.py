@@ -5,37 +5,23 @@ The Engine runs in this process, no server. The conversation is kept as messages
 conversation, /exit (or Ctrl-D) quits, and Ctrl-C stops the answer being written.
 Tool calls stream like any text; on a terminal they are coloured, elsewhere they keep their raw markers.
 
-Also home to what `fastchat serve` shares with it: picking the default checkpoint and loading an Engine.
+Also home to the model flags `fastchat serve` shares with it (add_model_args, engine_options).
 """
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 
-import torch
+from fastchat_core import engine as inference
+from fastchat_core.engine import Engine, SamplingParams
+from fastchat_core.tokenizer import assistant_parts
 
-from fastchat_core.checkpoint import load_model, newest_checkpoint, resolve_checkpoint
-from fastchat_core.common import home_dir
-from fastchat_core.engine import Engine
-from fastchat_core.sampler import SamplingParams
-from fastchat_core.tokenizer import assistant_parts, get_tokenizer
-
-STAGES = ("rl", "sft", "mid", "base")   # most finished first
 _DIM, _CYAN, _RESET = "\033[2m", "\033[36m", "\033[0m"
 _TERMINAL_STYLE = {"<|python_start|>": f"{_CYAN}[python] ", "<|python_end|>": f"{_RESET}\n",
                    "<|output_start|>": f"{_DIM}[output] ", "<|output_end|>": f"{_RESET}\n"}
 
 
-def default_checkpoint() -> Path:
-    """The newest checkpoint of the most finished stage: $FASTCHAT_HOME/{rl,sft,mid,base}/<run>, in that order."""
-    ckpt = newest_checkpoint(STAGES)
-    if ckpt is None:
-        raise SystemExit(f"no checkpoint under {home_dir()}/{{{','.join(STAGES)}}}: train one "
-                         "(`fastchat train base`) or pass --checkpoint DIR")
-    return ckpt
-
-
 def add_model_args(p: argparse.ArgumentParser):
+    """The flags that pick a model and size its engine (engine_options turns them into load_engine's keywords)."""
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint or run folder (default: the latest under $FASTCHAT_HOME/rl, else sft, mid, base)")
     p.add_argument("--tokenizer", default=None,
@@ -43,22 +29,14 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--kv-fraction", type=float, default=0.9,
+                   help="share of the GPU memory free after loading the model that the KV cache takes (cuda)")
 
 
-def load_engine(args, **engine_kwargs):
-    """(Engine, tokenizer, checkpoint folder) for the arguments of add_model_args."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    ckpt = resolve_checkpoint(args.checkpoint or default_checkpoint())
-    model, meta = load_model(ckpt, device, dtype)
-    try:
-        tok = get_tokenizer(args.tokenizer or meta.get("args", {}).get("tokenizer"))
-    except FileNotFoundError as e:
-        raise SystemExit(f"{e}\n(or pass --tokenizer PATH: the tokenizer {ckpt} was trained with)") from None
-    if tok.vocab_size != model.config.vocab_size:
-        raise SystemExit(f"the tokenizer has {tok.vocab_size} tokens but {ckpt} was trained with "
-                         f"{model.config.vocab_size}: pass --tokenizer with the one it was trained with")
-    return Engine(model, tok, **engine_kwargs), tok, ckpt
+def engine_options(args) -> dict:
+    """fastchat_core.engine.load_engine's keywords for the flags of add_model_args."""
+    return dict(checkpoint=args.checkpoint, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                kv_fraction=args.kv_fraction)
 
 
 def styled(text: str, terminal: bool) -> str:
@@ -71,7 +49,7 @@ def reply(engine: Engine, tok, messages, params: SamplingParams, out) -> str:
     """Stream the assistant's answer to `out`; returns its text. Ctrl-C stops it early (the text so far counts).
     Raises ValueError when the conversation no longer fits the context."""
     prompt = tok.render_for_completion(messages)
-    room = min(engine.max_context, engine.cache_tokens) - len(prompt)
+    room = engine.max_model_len - len(prompt)
     if room < 1:
         raise ValueError(f"the conversation ({len(prompt)} tokens) fills the model's context: /clear to start over")
     request_id = engine.add_request(prompt, replace(params, max_tokens=min(params.max_tokens, room)))
@@ -108,7 +86,7 @@ def main(argv=None):
                                 seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"fastchat chat: {e}") from None
-    engine, tok, ckpt = load_engine(args, max_num_seqs=1, max_num_batched_tokens=2048)
+    engine, tok, ckpt = inference.load_engine(**engine_options(args), max_num_seqs=1, max_num_batched_tokens=2048)
     if args.prompt is not None:
         try:
             reply(engine, tok, [{"role": "user", "content": args.prompt}], params, out)
@@ -150,4 +128,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastchat_core.cli import run
+    sys.exit(run(main, sys.argv[1:], "fastchat chat"))

@@ -127,8 +127,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx):
         T = idx.size(1)
-        if T > self.cos.size(0):
-            raise ValueError(f"sequence of {T} tokens is longer than the rotary table ({self.cos.size(0)})")
+        if T > self.max_context:
+            raise ValueError(f"sequence of {T} tokens is longer than the rotary table ({self.max_context})")
         x = rms_norm(self.wte(idx), self.config.norm_eps)
         cos, sin = self.cos[:T], self.sin[:T]
         for block in self.blocks:
@@ -168,6 +168,36 @@ class GPT(nn.Module):
         cap = self.config.softcap
         # in place: a CUDA graph would keep each (N, V) float32 temporary in its memory pool
         return out.div_(cap).tanh_().mul_(cap) if cap else out
+
+    # ---- what the inference engine (fastchat_core/engine/) reads, besides `config` and forward_paged ----
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence the model can run (prompt + generated tokens): its rotary table covers 4x
+        the training length."""
+        return self.cos.size(0)
+
+    def qkv_parts(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer, the (c_q, c_k, c_v) weights. Read from the modules each call: a
+        load_state_dict(assign=True) puts new Parameters there."""
+        return [(b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight) for b in self.blocks]
+
+    @torch.no_grad()
+    def fuse_qkv(self, out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per layer, the q, k and v weights concatenated (forward_paged's qkv_weights: one GEMM, not three);
+        written in place into `out` (an earlier result) when given, so that its addresses stay the same."""
+        if out is None:
+            return [torch.cat(parts) for parts in self.qkv_parts()]
+        for fused, parts in zip(out, self.qkv_parts()):
+            torch.cat(parts, out=fused)
+        return out
+
+    def qkv_version(self) -> list[tuple]:
+        """Changes whenever fuse_qkv's result would: which tensor each weight is, where its data is, its
+        version counter (bumped by in-place updates: optimizer steps, load_state_dict). Writes through
+        `.data` bump no counter (fuse again regardless after those); inference tensors have no counter."""
+        return [(id(w), w.data_ptr(), None if w.is_inference() else w._version)
+                for parts in self.qkv_parts() for w in parts]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

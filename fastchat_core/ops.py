@@ -61,8 +61,3 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
 def paged_attention(query, key_cache, value_cache, block_tables, context_lens, scale, *args):
     from fastchat_core import csrc_ops
     return csrc_ops.paged_attention(query, key_cache, value_cache, block_tables, context_lens, scale, *args)
-
-
-def copy_blocks(key_cache, value_cache, block_mapping):
-    from fastchat_core import csrc_ops
-    return csrc_ops.copy_blocks(key_cache, value_cache, block_mapping)

@@ -38,11 +38,11 @@ def get_args(argv=None):
 
 def create_app(args):
     """The ASGI app for parsed arguments: load the checkpoint, start the engine thread, build the routes."""
-    from fastchat_core.chat_cli import load_engine
-    from fastchat_core.engine import AsyncEngine
+    from fastchat_core.chat_cli import engine_options
+    from fastchat_core.engine import AsyncEngine, load_engine
     from fastchat_core.serve.app import build_app
 
-    engine, _, ckpt = load_engine(args, max_num_seqs=args.max_num_seqs,
+    engine, _, ckpt = load_engine(**engine_options(args), max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=max(8192, args.max_num_seqs),
                                   compile_decode=args.compile_decode)
     name = args.model_name or f"{ckpt.parent.parent.name}-{ckpt.parent.name}"   # e.g. sft-d20

@@ -176,13 +176,13 @@ class ChatServer:
         # request parsing runs in a thread, one at a time: the GIL lets one run anyway, and with fewer threads
         # holding it through long C calls (json.loads of megabytes) the event loop gets it back sooner
         self.parsing = asyncio.Semaphore(1)
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         if self.tokenizer is None:
             raise ValueError("the server renders chats and decodes text: create the Engine with a tokenizer")
         self.token_chars = int(self.tokenizer.token_bytes().max())   # bounds a prompt's tokens from its length
         # one sequence holds at most this many tokens: the rotary table's length, or the whole KV cache
-        self.context = min(engine.engine.max_context, engine.engine.cache_tokens)
-        self.capacity = engine.engine.scheduler.max_num_seqs + engine.max_waiting
+        self.context = engine.max_model_len
+        self.capacity = engine.capacity
         self.metrics = Metrics()
         self.live: set[asyncio.Task] = set()
         self.webui = (Path(__file__).with_name("webui.html")).read_text()
@@ -255,7 +255,7 @@ class ChatServer:
             req = await asyncio.to_thread(self._parse, chunks, chat)
         for params in req.params:   # what only the engine knows (KV cache size, ...): refuse before queueing
             try:
-                self.engine.engine.check_request(req.prompt_ids, params)
+                self.engine.check_request(req.prompt_ids, params)
             except ValueError as e:
                 raise RequestError(str(e)) from None
         if len(self.live) + len(req.params) > self.capacity:

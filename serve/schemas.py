@@ -20,7 +20,7 @@ import json
 import reprlib
 from dataclasses import dataclass
 
-from fastchat_core.sampler import SamplingParams
+from fastchat_core.engine import SamplingParams
 from fastchat_core.tokenizer import assistant_parts
 
 MAX_STOP = 4    # as OpenAI: up to 4 stop strings

@@ -1,15 +1,19 @@
 """Engine: greedy output equals naive full-recompute decoding under chunked prefill, preemption and prefix
 caching; blocks are all returned; seeded sampling ignores batch composition; stop rules; tool calls; the
 async streaming API. A tiny random-weight GPT on the CPU, fp32."""
+import ast
 import asyncio
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+import fastchat_core.engine
 from conftest import scripted_sampler, tiny_gpt
-from fastchat_core.engine import AsyncEngine, Engine, QueueFull, graph_batch_sizes
-from fastchat_core.sampler import SamplingParams, sample
+from fastchat_core.engine import AsyncEngine, Engine, QueueFull, SamplingParams, sample
+from fastchat_core.engine.model_runner import graph_batch_sizes
 from fastchat_core.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -405,6 +409,7 @@ def test_async_stream_matches_generate_and_aborts_on_cancel(model, prompts, naiv
 
 def test_user_errors_have_clear_messages(model, tok):
     engine = Engine(model, num_blocks=8, block_size=8)   # 64 cache slots; rotary table: 4 * 64 = 256
+    assert (engine.max_model_len, Engine(model).max_model_len, model.max_context) == (64, 256, 256)
     with pytest.raises(ValueError, match="empty prompt"):
         engine.add_request([], GREEDY)
     with pytest.raises(ValueError, match="too long for the model's context"):
@@ -517,3 +522,34 @@ def test_forward_paged_writes_logits_into_out(model, softcap, compiled, monkeypa
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out[:2], expected)
     assert out[2].isnan().all()
+
+
+FLAG = re.compile(r"--[a-z][a-z0-9_-]*")
+ENGINE = Path(fastchat_core.engine.__file__).parent
+
+
+def test_every_flag_an_engine_error_names_exists(capsys):
+    """Each --flag in an error the engine package raises is a flag of both commands that build engines."""
+    from fastchat_core import chat_cli
+    from fastchat_core.serve import get_args as serve_args
+    flags = []
+    for get_args in (chat_cli.get_args, serve_args):
+        with pytest.raises(SystemExit):
+            get_args(["--help"])
+        flags.append(set(FLAG.findall(capsys.readouterr().out)))
+    named = set()
+    for path in ENGINE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Raise, ast.Return)):   # messages are raised, or built by a helper and returned
+                texts = [t.value for t in ast.walk(node) if isinstance(t, ast.Constant) and isinstance(t.value, str)]
+                named |= {(path.name, node.lineno, flag) for text in texts for flag in FLAG.findall(text)}
+    assert named and not {n for n in named if not all(n[2] in f for f in flags)}
+
+
+def test_the_engine_reads_the_model_only_through_its_interface():
+    """The model's insides (its blocks, the rotary table, weight version counters) stay the model's: the engine
+    uses config, forward_paged, max_context, qkv_parts, fuse_qkv and qkv_version."""
+    inside = {"attn", "c_q", "c_k", "c_v", "mlp", "cos", "sin", "_version", "wte", "lm_head"}
+    found = [f"{path.name}:{node.lineno} .{node.attr}" for path in ENGINE.glob("*.py")
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Attribute) and node.attr in inside]
+    assert not found

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import scripted_sampler, serve_in_thread, slow_steps
 from fastchat_core import chat_cli, cli
-from fastchat_core.sampler import SamplingParams
+from fastchat_core.checkpoint import CheckpointError
+from fastchat_core.engine import SamplingParams, default_checkpoint
 from fastchat_core.tokenizer import assistant_parts
 
 CONTEXT = 256   # seq_len 64: the rotary table (4x) bounds prompt + answer
@@ -348,8 +349,8 @@ def test_chat_interactive_keeps_history_and_clears(checkpoint, reference, capsys
 
 def test_default_checkpoint_prefers_later_stages(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCHAT_HOME", str(tmp_path))
-    with pytest.raises(SystemExit, match="--checkpoint"):
-        chat_cli.default_checkpoint()
+    with pytest.raises(CheckpointError, match="--checkpoint"):
+        default_checkpoint()
     for stage in ("base", "mid", "sft"):
         run = tmp_path / stage / "d1"
         (run / "step_000001").mkdir(parents=True)
@@ -358,6 +359,6 @@ def test_default_checkpoint_prefers_later_stages(checkpoint, tmp_path, monkeypat
     (older / "step_000009").mkdir(parents=True)
     (older / "latest").write_text("step_000009")
     os.utime(older / "step_000009", (0, 0))
-    assert chat_cli.default_checkpoint() == tmp_path / "sft" / "d1" / "step_000001"   # the newest sft run
+    assert default_checkpoint() == tmp_path / "sft" / "d1" / "step_000001"   # the newest sft run
     (tmp_path / "rl" / "d1").mkdir(parents=True)   # a run folder without a checkpoint does not count
-    assert chat_cli.default_checkpoint().parts[-3] == "sft"
+    assert default_checkpoint().parts[-3] == "sft"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import scripted_sampler, serve_in_thread, slow_steps
-from fastchat_core.sampler import SamplingParams
+from fastchat_core.engine import SamplingParams
 from fastchat_core.tokenizer import assistant_parts
 
 CHROMIUM = "/usr/bin/chromium"

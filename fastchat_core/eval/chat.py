@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastchat_core.common import is_dist, rank, world_size
-from fastchat_core.sampler import SamplingParams
+from fastchat_core.engine import SamplingParams
 
 CHATCORE_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
 
@@ -44,7 +44,7 @@ def problem_indices(n: int, max_problems: int | None, seed: int = 0) -> list[int
 def categorical_scores(model, tokenizer, conversations, batch_size: int = 8) -> list[bool]:
     """Whether the model's most likely allowed letter is the answer, for each conversation."""
     device = next(model.parameters()).device
-    limit = model.cos.size(0)   # the longest sequence the rotary table covers
+    limit = model.max_context
     scores = []
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start:start + batch_size]
@@ -79,7 +79,7 @@ def generative_scores(engine, task, conversations, max_tokens: int = 512) -> lis
     tokenizer = engine.tokenizer
     if tokenizer is None:
         raise ValueError("generative chat tasks need an Engine built with the tokenizer (for tool calls and text)")
-    room = min(engine.max_context, engine.cache_tokens)
+    room = engine.max_model_len
     prompts, params, todo = [], [], []
     for k, c in enumerate(conversations):
         prompt = tokenizer.render_for_completion(c["messages"])

@@ -13,57 +13,12 @@ now (n > 1 samples of one prompt, RL's groups, a long system prompt arriving in 
 then those blocks are written and named, so it shares them instead of computing them a second time. It
 keeps its seat and the blocks it will need meanwhile; later requests may go ahead only with what is left.
 """
-import itertools
 from collections import deque
 
-from fastchat_core.kvcache import BlockManager
-from fastchat_core.sampler import SamplingParams
+from fastchat_core.engine.block_manager import BlockManager
+from fastchat_core.engine.sequence import FINISHED, PENDING, RUNNING, WAITING, Sequence
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
-PENDING = -1   # stands in for a token that was sampled on the GPU but has not reached the host yet
 MIN_SHARED_BLOCKS = 4   # below this, computing the blocks again costs less than a step of waiting
-
-_seq_ids = itertools.count()
-
-
-class Sequence:
-    """One request's tokens and progress. token_ids = prompt + output; K/V exist for token_ids[:num_computed]."""
-
-    def __init__(self, request_id, prompt_ids: list[int], params: SamplingParams):
-        self.seq_id = next(_seq_ids)          # the BlockManager's key; request ids are the user's
-        self.request_id = request_id
-        self.token_ids = list(prompt_ids)
-        self.num_prompt_tokens = len(prompt_ids)
-        self.params = params
-        self.status = WAITING
-        self.num_computed = 0
-        self.prefill_len = 0                  # tokens to compute before the next sample (set on admission)
-        self.num_cached_tokens = None         # prompt tokens found in the prefix cache on first admission
-        self.forced = deque()                 # tool output to paste in instead of sampling
-        self.tool = None                      # a running sandboxed tool call (Future of its output text)
-        self.finish_reason = None
-        # detokenization state (engine): text of output_ids[:read_offset], and how much of it was sent
-        self.text = ""
-        self.read_offset = 0
-        self.sent_chars = 0
-        self.arrival_time = self.last_token_time = None
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def waits_on_tool(self) -> bool:
-        """Nothing to decode until the tool's output arrives (it is pasted, not sampled)."""
-        return self.tool is not None and not self.forced
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed < self.prefill_len
 
 
 class Scheduler:
@@ -87,9 +42,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self):
-        """Plan one step: (decodes, prefills, copies). decodes: sequences whose newest token gets a slot now;
-        prefills: (seq, n) to compute token_ids[seq.num_computed:+n]; copies: (src, dst) blocks to copy first."""
-        budget, decodes, prefills, copies = self.max_num_batched_tokens, [], [], []
+        """Plan one step: (decodes, prefills). decodes: sequences whose newest token gets a slot now;
+        prefills: (seq, n) to compute token_ids[seq.num_computed:+n]."""
+        budget, decodes, prefills = self.max_num_batched_tokens, [], []
         for seq in list(self.running):
             if seq.status != RUNNING or seq.is_prefilling or seq.waits_on_tool:   # preempted, prefilling, paused
                 continue
@@ -97,9 +52,7 @@ class Scheduler:
                 continue
             if not self._make_room(seq):
                 continue
-            copy = self.bm.append_slot(seq)
-            if copy:
-                copies.append(copy)
+            self.bm.append_slot(seq)
             decodes.append(seq)
             budget -= 1
         for seq in self.running:
@@ -134,7 +87,7 @@ class Scheduler:
             prefills.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))   # back at the front, in their order
-        return decodes, prefills, copies
+        return decodes, prefills
 
     def _shared_blocks(self, seq: Sequence, owner: Sequence) -> int:
         """Leading full blocks of seq's prompt (before its last token) equal to owner's: what it can share."""

@@ -1,6 +1,6 @@
 """Bookkeeping for the paged KV cache: which physical block holds which sequence's keys and values.
 
-The GPU tensors live in the engine; this module only hands out block ids. The pool is `num_blocks` blocks
+The GPU tensors live in the model runner; this module only hands out block ids. The pool is `num_blocks` blocks
 of `block_size` token slots. Every sequence owns a block table (its logical block i -> a physical block id),
 kept here keyed by `seq.seq_id`, so the engine holds no cache state of its own and a block's reference
 count is always exactly the number of tables that contain it.
@@ -8,6 +8,9 @@ count is always exactly the number of tables that contain it.
 Prefix caching: a FULL block is named by a hash chain, hash_i = blake2b(hash_{i-1} || token ids of block i),
 so a name covers the block's tokens and everything before them (the same tokens after another prefix are
 different K/V). A new sequence whose prompt starts with named blocks shares them and prefills only the rest.
+That is also how n > 1 copies of one prompt share it (the scheduler holds a copy back a step until its
+first blocks are named). Only full blocks are ever shared, and a sequence writes only into its last, partly
+filled block, which no other table holds: no block is ever written while shared, so nothing is copied.
 blake2b (128-bit) rather than Python's `hash`: a collision would silently reuse wrong K/V, and a 64-bit
 hash of attacker-chosen prompts is too small for that; it is also stable across processes.
 
@@ -50,8 +53,7 @@ class BlockManager:
     The engine's contract, per step:
       admit:   `can_allocate(seq)` then `allocate(seq)` -> tokens already cached; prefill the rest
                (in chunks if it likes), calling `mark_computed(seq, n)` after each chunk is written.
-      decode:  append the sampled token to seq.token_ids, `can_append(seq)` then `append_slot(seq)`;
-               if it returns (src, dst), copy block src to dst (ops.copy_blocks) before the forward.
+      decode:  append the sampled token to seq.token_ids, `can_append(seq)` then `append_slot(seq)`.
       finish / preempt / abort: `free(seq)`.
     When `can_allocate`/`can_append` say False the scheduler should preempt someone: running out of blocks
     is normal flow, never an exception.
@@ -148,19 +150,6 @@ class BlockManager:
         self.hash_to_block.clear()
         self.block_hashes = [None] * self.num_blocks
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Give `child` (same tokens as `parent`, e.g. n > 1 samples of one prompt) all of parent's blocks.
-
-        Nothing is copied now: the first of the two to write into the shared, partly filled last block
-        gets a private copy from `append_slot` (copy-on-write).
-        """
-        if child.seq_id in self.tables:
-            raise ValueError(f"seq {child.seq_id} already has blocks; fork into a fresh sequence")
-        src = self.tables[parent.seq_id]
-        for b in src.blocks:
-            self.ref_counts[b] += 1
-        self.tables[child.seq_id] = _Table(list(src.blocks), src.num_tokens, list(src.hashes))
-
     def mark_computed(self, seq: Sequence, num_tokens: int) -> None:
         """The K/V of the sequence's first `num_tokens` tokens is now written: name its full blocks.
 
@@ -178,32 +167,21 @@ class BlockManager:
         """Whether the slot for the sequence's newest token can be reserved now."""
         table = self.tables[seq.seq_id]
         self._check_one_more(seq, table)
-        needs_block = table.num_tokens % self.block_size == 0 or self.ref_counts[table.blocks[-1]] > 1
-        return self.num_free_blocks >= needs_block
+        return self.num_free_blocks >= (table.num_tokens % self.block_size == 0)
 
-    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
-        """Reserve the slot for the newest token of seq.token_ids (one more than last time).
-
-        Opens a new block at a block boundary. If the last block is shared (after `fork`), the sequence
-        first gets a private copy of it: returns (src, dst) block ids for the engine to copy, else None.
-        Every token but the newest has had its K/V written by now, so full blocks before it get named.
+    def append_slot(self, seq: Sequence) -> None:
+        """Reserve the slot for the newest token of seq.token_ids (one more than last time); opens a new block
+        at a block boundary. Every token but the newest has had its K/V written by now, so full blocks before
+        it get named.
         """
         table = self.tables[seq.seq_id]
         self._check_one_more(seq, table)
-        opens = table.num_tokens % self.block_size == 0
-        if (opens or self.ref_counts[table.blocks[-1]] > 1) and not self.num_free_blocks:
-            raise RuntimeError("out of KV blocks: check can_append(seq) first and preempt when it is False")
-        copy = None
-        if opens:
+        if table.num_tokens % self.block_size == 0:
+            if not self.num_free_blocks:
+                raise RuntimeError("out of KV blocks: check can_append(seq) first and preempt when it is False")
             table.blocks.append(self._take_block())
-        elif self.ref_counts[table.blocks[-1]] > 1:
-            src, dst = table.blocks[-1], self._take_block()
-            self.ref_counts[src] -= 1   # still > 0: the other holders keep it
-            table.blocks[-1] = dst
-            copy = (src, dst)
         table.num_tokens += 1
         self._name_full_blocks(table, seq.token_ids, table.num_tokens - 1)
-        return copy
 
     def unappend_slot(self, seq: Sequence) -> None:
         """Take back the slot the last `append_slot` reserved (the engine computed a token it must discard).
@@ -242,7 +220,7 @@ class BlockManager:
         if needed > self.num_blocks:
             raise ValueError(
                 f"a sequence of {num_tokens} tokens needs {needed} KV blocks but the whole cache has "
-                f"{self.num_blocks}: raise --kv-fraction (more blocks) or lower --max-model-len / max_tokens")
+                f"{self.num_blocks}: give the cache more blocks (num_blocks, or --kv-fraction) or lower max_tokens")
         return needed
 
     def _check_one_more(self, seq: Sequence, table: _Table):
@@ -305,5 +283,5 @@ def num_blocks_for_memory(free_bytes: int, fraction: float, n_layers: int, n_kv_
     if num < 1:
         raise ValueError(
             f"no room for a single KV block ({block_bytes / 2**20:.1f} MiB) in {fraction:.0%} of "
-            f"{free_bytes / 2**30:.2f} GiB free: raise --kv-fraction or lower --max-num-seqs (less memory for activations)")
+            f"{free_bytes / 2**30:.2f} GiB free: raise --kv-fraction, or free GPU memory (other processes)")
     return num
