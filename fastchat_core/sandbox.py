@@ -1,7 +1,8 @@
 """The sandbox process behind tools.run_python and tools.check_program (started as `python -I -S sandbox.py`).
 
-It imports only the standard library, and little of it at start (imports cost most of a call's time): json
-and traceback only when needed. Three processes:
+One file over 400 lines on purpose: it runs as a script in a fresh interpreter that sees only the stdlib (not
+this package), so its three processes cannot be split into modules. It imports little at start (imports cost
+most of a call's time): json and traceback only when needed. The processes:
 
   launcher (the process tools.py starts; trusted, never reachable from the code)
     reads the request's header from stdin (the tests, if any, stay in the pipe), unshares mount, pid, net,
