@@ -1,4 +1,5 @@
 """`fastchat serve` / `python -m fastchat_core.serve`: the OpenAI-compatible chat server and web UI.
+(This folder is installed as `fastchat_core.serve`: setup.py maps it.)
 
 One Engine per process, shared by every request through an AsyncEngine; see app.py for the routes.
 Run one server per GPU and put a load balancer in front to use several. SIGTERM or Ctrl-C stops accepting,
