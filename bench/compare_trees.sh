@@ -18,5 +18,6 @@ for tree in old new; do   # an import root laid out as setup.py installs the pac
   for sub in triton_kernels train serve bench; do cp -r "$src/$sub" "$root/fastchat_core/$sub"; done
   cp fastchat_core/_C*.so "$root/fastchat_core/"
 done
+cd /tmp   # not the checkout: python puts the working directory first on sys.path, ahead of PYTHONPATH
 PYTHONPATH=/tmp/roots/new python3 -m fastchat_core.bench.compare_trees --old /tmp/roots/old --new /tmp/roots/new --old-commit "$OLD_COMMIT" \
   --new-commit "$FASTCHAT_COMMIT" --out "$OUT/refactor_check.json" "$@" 2>&1 | tee "$OUT/compare.log"
