@@ -173,18 +173,21 @@ def _fmt(v) -> str:
 
 class Trainer:
     """The loop around a stage's train_step: see this module's docstring. `meta` goes into every checkpoint's
-    meta.json, with the stage, the tokens trained on so far and the latest evaluation; warmup_steps and
-    warmdown_ratio shape the learning-rate schedule (optim.lr_multiplier); flops_per_token gives MFU on a GPU."""
+    meta.json, with the stage, the tokens trained on so far and the latest evaluation; warmup_steps, warmdown_ratio
+    and final_frac shape the learning-rate schedule (optim.lr_multiplier), momentum (a dict for optim.muon_momentum)
+    and wd_schedule Muon's (optim.apply_schedules; optim.schedule_options(args) gives the three from the flags);
+    flops_per_token gives MFU on a GPU."""
 
     def __init__(self, args, run, model, optimizers, run_dir, num_steps, *, stage, meta, warmup_steps=0,
-                 warmdown_ratio=0.2, flops_per_token=None):
+                 warmdown_ratio=0.2, flops_per_token=None, final_frac=0.0, momentum=None, wd_schedule="constant"):
         if args.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("--wandb-project needs the wandb package: pip install wandb (or leave the flag out)")
         self.args, self.run, self.model, self.optimizers = args, run, model, optimizers
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.num_steps, self.stage, self.meta = num_steps, stage, meta
-        self.schedule = dict(warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio)
+        self.schedule = dict(warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio, final_frac=final_frac,
+                             momentum=momentum, wd_schedule=wd_schedule)
         self.flops_per_token, self.peak = flops_per_token, peak_flops(run.device)
         self.step, self.tokens, self.last_eval = 0, 0, {}
         self.timed = [0.0, 0, 0]   # seconds, tokens and steps of this process after its first three (compilation)

@@ -313,3 +313,56 @@ def test_eval_driver_writes_and_merges_eval_json(tmp_path, data_dir, tok, tokeni
     capsys.readouterr()
     assert cli.main(["train", "eval", *common, "--core", "--core-tasks", "squad"]) == 1
     assert "fastchat train eval: error: CORE tasks ['squad'] are unknown or have no data" in capsys.readouterr().err
+
+
+# ---- the draw of items and few-shot examples is nanochat's ---------------------------------------------------
+
+
+def nanochat_draw(items, max_per_task, k):
+    """nanochat's rule, re-implemented from its description (scripts/base_eval.py, nanochat/core_eval.py): the task's
+    list shuffled with random.Random(1337), cut to max_per_task (-1: all); the item at position idx of that list
+    gets random.Random(1234 + idx).sample([i for i in range(len(data)) if i != idx], k) of it as examples."""
+    import random
+    data = list(items)
+    random.Random(1337).shuffle(data)
+    if max_per_task > 0:
+        data = data[:max_per_task]
+    draws = []
+    for idx in range(len(data)):
+        available = [i for i in range(len(data)) if i != idx]
+        draws.append((data[idx]["id"], [data[i]["id"] for i in random.Random(1234 + idx).sample(available, k)]))
+    return draws
+
+
+@pytest.mark.parametrize("n,max_per_task,k", [(40, -1, 5), (40, 12, 3), (7, -1, 6), (100, 30, 10)])
+def test_draw_equals_nanochats(n, max_per_task, k):
+    items = [{"id": i} for i in range(n)]
+    data = core.evaluation_order(items, None if max_per_task < 0 else max_per_task)
+    ours = [(it["id"], [s["id"] for s in core.fewshot_examples(data, i, k)]) for i, it in enumerate(data)]
+    assert ours == nanochat_draw(items, max_per_task, k)
+    assert ours == [(it["id"], [s["id"] for s in core.fewshot_examples(core.evaluation_order(
+        items, None if max_per_task < 0 else max_per_task), i, k)]) for i, it in enumerate(data)]   # deterministic
+    assert [it["id"] for it in items] == list(range(n))   # the caller's list is not shuffled in place
+
+
+def test_evaluate_core_scores_in_nanochats_order(tmp_path, monkeypatch):
+    """evaluate_core hands each item its position in nanochat's shuffled list, and the few-shot examples follow."""
+    root = tmp_path / "data"
+    (root / "core").mkdir(parents=True)
+    items = [{"id": i, "context": f"c{i}", "continuation": f"x{i}"} for i in range(15)]
+    with gzip.open(root / "core" / "t.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(it) + "\n" for it in items)
+    (root / "core" / "core_tasks.json").write_text(json.dumps({"tasks": [
+        {"label": "t", "file": "core/t.jsonl.gz", "present": True, "icl_task_type": "language_modeling",
+         "num_fewshot": 3, "continuation_delimiter": " ", "random_baseline_pct": 0.0}]}))
+    seen = []
+
+    def fake_item(model, tokenizer, data, index, task, max_seq_len=None, device=None):
+        seen.append((data[index]["id"], [s["id"] for s in core.fewshot_examples(data, index, task["num_fewshot"])]))
+        return True
+
+    monkeypatch.setattr(core, "evaluate_item", fake_item)
+    for max_per_task in (None, 6):
+        seen.clear()
+        core.evaluate_core(BigramModel(), CharTokenizer(), root, max_per_task=max_per_task)
+        assert seen == nanochat_draw(items, max_per_task or -1, 3)

@@ -197,3 +197,40 @@ def test_newton_schulz_gpu_d20(shape):
     # so there only the bulk of the spectrum is in the band; rectangular ones are well conditioned.
     low = sv.quantile(0.05) if shape[-1] == shape[-2] else sv.min()
     assert low > 0.5 and sv.max() < 1.3
+
+
+# ---------------------------------------------------------------- the safety factor (nanochat's 1.01)
+
+def polar_express_by_hand(G, steps, safety):
+    """The iteration written out in float64 from its description: X = G / (safety * |G|_F + 1e-6) per matrix, on
+    the wide side, then X = a X + (b A + c A A) X with A = X X^T for each coefficient triple."""
+    X = G.double() / (torch.linalg.vector_norm(G.double(), dim=(-2, -1), keepdim=True) * safety + 1e-6)
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = X.mT
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+@pytest.mark.parametrize("impl", [newton_schulz_reference, newton_schulz_triton], ids=["reference", "triton"])
+@pytest.mark.parametrize("shape", [(2, 37, 53), (2, 53, 37)], ids=str)
+def test_safety_factor(impl, shape):
+    from fastchat_core.triton_kernels.muon_ns import NANOCHAT_NORM_SAFETY, NORM_SAFETY
+    assert (NORM_SAFETY, NANOCHAT_NORM_SAFETY) == (1.02, 1.01)
+    torch.manual_seed(sum(shape))
+    G = torch.randn(shape)
+    got = impl(G, 5, dtype=torch.float32, safety=NANOCHAT_NORM_SAFETY)
+    assert rel_err(got, polar_express_by_hand(G, 5, 1.01)) < 1e-4
+    default = impl(G, 5, dtype=torch.float32)
+    assert rel_err(default, polar_express_by_hand(G, 5, 1.02)) < 1e-4
+    assert rel_err(got, default) > 1e-4   # the factor really reaches the iteration
+    with pytest.raises(ValueError, match="safety"):
+        impl(G, 5, dtype=torch.float32, safety=0.5)
+
+
+def test_custom_op_takes_the_safety_factor():
+    G = torch.randn(2, 5, 9)
+    torch.library.opcheck(torch.ops.fastchat_triton.newton_schulz.default, (G, 3, torch.float32, 1.01),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -27,9 +27,9 @@ TOY = ["--group-size=8", "--max-new-tokens=2", "--top-k=0", "--device-batch-size
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def ns_fp32(G, steps):
+def ns_fp32(G, steps, safety=1.02):
     """Muon's Newton-Schulz in fp32: bf16 rounding would hide 1-rank vs 2-rank differences (see test_optim)."""
-    return newton_schulz_reference(G, steps, dtype=torch.float32)
+    return newton_schulz_reference(G, steps, dtype=torch.float32, safety=safety)
 
 
 def toy_setup(seed=0, n_prompts=8):
@@ -276,3 +276,15 @@ def test_driver_resumes_exactly_after_a_crash(home, monkeypatch, tmp_path):
     assert_same_run(tmp_path / "ref", tmp_path / "run", ["loss", "reward", "clip_frac", "answer_len", "eval_pass@4",
                                                          "eval_reward"])
     assert json.loads((tmp_path / "run" / "step_000005" / "loader_rank0.json").read_text()) == {"questions_seen": 10}
+
+
+def test_nanochat_advantage_flag():
+    """--no-std-norm gives nanochat's chat_rl advantage: reward minus its group's mean, no division by the std."""
+    assert rl.get_args([]).std_norm is True   # default: GRPO's z-score
+    args = rl.get_args(["--no-std-norm"])
+    assert args.std_norm is False
+    rewards = torch.rand(5, 8, generator=torch.Generator().manual_seed(0))
+    want = torch.stack([row - row.mean() for row in rewards])   # nanochat: mu = rewards.mean(); rewards - mu
+    torch.testing.assert_close(rl.group_advantages(rewards, args.std_norm), want)
+    # and the optimizer/schedule flags reach RL too, off by default
+    assert args.normuon_beta2 == 0.0 and not args.cautious_wd and args.final_lr_frac == 0.0

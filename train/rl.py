@@ -31,7 +31,7 @@ from fastchat_core.checkpoint import CheckpointError, load_model, newest_checkpo
 from fastchat_core.cli import run as run_command
 from fastchat_core.common import ConfigError, home_dir, is_dist, print0
 from fastchat_core.engine import Engine, SamplingParams
-from fastchat_core.optim import add_optim_args, build_optimizers
+from fastchat_core.optim import add_optim_args, build_optimizers, optimizer_options, schedule_options
 from fastchat_core.training import Trainer, accumulate, add_loop_args, add_run_args, setup_run, step_optimizers
 
 
@@ -291,11 +291,12 @@ def train(args, run):
     order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     num_steps = args.num_steps if args.num_steps > 0 else max(1, len(train_prompts) // Q)
     optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                                  unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
+                                  unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay,
+                                  **optimizer_options(args))
     cfg = model.config
     trainer = Trainer(args, run, model, optimizers, args.run_dir or home_dir() / "rl" / f"d{cfg.depth}", num_steps,
                       stage="rl", meta={"model_config": cfg.to_dict(), "args": vars(args), "init_from": str(ckpt)},
-                      warmdown_ratio=1.0)   # linear decay to 0
+                      warmdown_ratio=1.0, **schedule_options(args))   # linear decay (to --final-lr-frac, 0)
     data = {"questions_seen": 0, **(trainer.resume() or {})}
     q_rank = Q // world
     # after resume: the engine reads the weights it restored

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from fastchat_core.checkpoint import CheckpointError, load_model, newest_checkpoint, resolve_checkpoint
 from fastchat_core.cli import run as run_command
 from fastchat_core.common import ConfigError, data_root, home_dir, print0
-from fastchat_core.optim import add_optim_args, build_optimizers
+from fastchat_core.optim import add_optim_args, build_optimizers, optimizer_options, schedule_options
 from fastchat_core.tasks.arithmetic import Arithmetic
 from fastchat_core.tasks.base import TaskMixture
 from fastchat_core.tasks.identity import Identity
@@ -225,11 +225,13 @@ def train(args, make_tasks, stage: str = "sft", pack: bool = False, init_stages=
 
         frac = args.init_lr_frac
         optimizers = build_optimizers(model, matrix_lr=args.matrix_lr * frac, embedding_lr=args.embedding_lr * frac,
-                                      unembedding_lr=args.unembedding_lr * frac, weight_decay=args.weight_decay)
+                                      unembedding_lr=args.unembedding_lr * frac, weight_decay=args.weight_decay,
+                                      **optimizer_options(args))
         run_args = dict(vars(args), init_from=str(init), tokenizer=tokenizer_path and str(tokenizer_path))
         trainer = Trainer(args, run, model, optimizers, args.run_dir or home_dir() / stage / f"d{model.config.depth}",
                           num_steps, stage=stage, meta={"model_config": model.config.to_dict(), "args": run_args},
-                          warmdown_ratio=args.warmdown_ratio, flops_per_token=model.config.flops_per_token())
+                          warmdown_ratio=args.warmdown_ratio, flops_per_token=model.config.flops_per_token(),
+                          **schedule_options(args))
         width = T + 1 if pack else None   # packed rows have one shape; padded ones the longest of the batch
         batches = RowBatches(rows, B, tokenizer.bos_id, width, trainer.resume())
         autocast = run.autocast()

@@ -18,8 +18,10 @@ into the output and cuBLAS then reads it back. Folding `a` also rounds B' (~ I n
 B (~ (1 - a) I), so it loses no accuracy.
 
 Public API (same signature and semantics for both):
-    newton_schulz_reference(G, steps=5, dtype=torch.bfloat16)  plain PyTorch, any device
-    newton_schulz_triton(G, steps=5, dtype=torch.bfloat16)     symmetric-product kernel + cuBLAS
+    newton_schulz_reference(G, steps=5, dtype=torch.bfloat16, safety=NORM_SAFETY)  plain PyTorch, any device
+    newton_schulz_triton(G, steps=5, dtype=torch.bfloat16, safety=NORM_SAFETY)     symmetric-product kernel + cuBLAS
+`safety` is the factor on the Frobenius norm that X is divided by first (X / (safety * |X|_F + 1e-6)): ours is
+1.02; nanochat's current muon_step_fused uses 1.01 (Muon's --ns-safety selects it).
 and sym_product_triton(P, Q=None, alpha=1.0, beta=0.0, gamma=0.0, out=None), the kernel itself.
 """
 import os
@@ -42,10 +44,13 @@ POLAR_EXPRESS_COEFFS = (
 )
 # Frobenius norm >= spectral norm; the extra 2% keeps the spectral norm below 1 despite bf16 rounding.
 NORM_SAFETY = 1.02
+NANOCHAT_NORM_SAFETY = 1.01  # nanochat/optim.py muon_step_fused: X / (X.norm() * 1.01 + 1e-6)
 NORM_EPS = 1e-6
 
 
-def _check(G, steps):
+def _check(G, steps, safety=NORM_SAFETY):
+    if not safety >= 1.0:
+        raise ValueError(f"safety must be >= 1 (the Frobenius norm bounds the spectral norm from above), got {safety}")
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs matrices (..., m, n); got a tensor of shape {tuple(G.shape)}")
     if not G.is_floating_point():
@@ -55,23 +60,23 @@ def _check(G, steps):
                          f"coefficient triple), got {steps}")
 
 
-def _normalized(G, dtype):
+def _normalized(G, dtype, safety=NORM_SAFETY):
     """G as a contiguous (batch, m, n) stack in `dtype`, scaled so that each spectral norm is below 1."""
     X = G.reshape(-1, *G.shape[-2:]).to(dtype)
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float32)
     # One vectorized multiply in `dtype`; rounding the scale to bf16 (<= 0.4%) stays inside the 2% margin.
-    return (X * (1.0 / (norm * NORM_SAFETY + NORM_EPS)).to(dtype)).contiguous()
+    return (X * (1.0 / (norm * safety + NORM_EPS)).to(dtype)).contiguous()
 
 
-def newton_schulz_reference(G, steps=5, dtype=torch.bfloat16):
+def newton_schulz_reference(G, steps=5, dtype=torch.bfloat16, safety=NORM_SAFETY):
     """Orthogonalize G (..., m, n) with `steps` Polar Express steps computed in `dtype`; returns `dtype`.
 
     Plain PyTorch (the CPU path and the kernel's test oracle). Muon uses bf16; other dtypes are for testing.
     """
-    _check(G, steps)
+    _check(G, steps, safety)
     if G.numel() == 0:
         return G.to(dtype, copy=True)
-    X = _normalized(G, dtype)
+    X = _normalized(G, dtype, safety)
     tall = X.shape[-2] > X.shape[-1]
     if tall:  # work on the wide side, so that A is the small Gram matrix
         X = X.mT
@@ -84,17 +89,17 @@ def newton_schulz_reference(G, steps=5, dtype=torch.bfloat16):
     return X.contiguous().view(G.shape)
 
 
-def newton_schulz_triton(G, steps=5, dtype=torch.bfloat16):
+def newton_schulz_triton(G, steps=5, dtype=torch.bfloat16, safety=NORM_SAFETY):
     """Same as newton_schulz_reference, with the two symmetric products done by the Triton kernel."""
-    _check(G, steps)
-    return torch.ops.fastchat_triton.newton_schulz(G, steps, dtype)
+    _check(G, steps, safety)
+    return torch.ops.fastchat_triton.newton_schulz(G, steps, dtype, float(safety))
 
 
 @torch.library.custom_op("fastchat_triton::newton_schulz", mutates_args=())
-def _newton_schulz_op(G: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
+def _newton_schulz_op(G: torch.Tensor, steps: int, dtype: torch.dtype, safety: float = NORM_SAFETY) -> torch.Tensor:
     if G.numel() == 0:
         return G.to(dtype, copy=True)
-    X = _normalized(G, dtype)  # our own copy: the ping-pong below may overwrite it
+    X = _normalized(G, dtype, safety)  # our own copy: the ping-pong below may overwrite it
     # A tall stack is never transposed in memory: the kernel reads X^T through its strides, and the
     # update is done transposed, (B X^T)^T = X B (B is symmetric), so X keeps G's layout throughout.
     tall = X.shape[-2] > X.shape[-1]
@@ -114,7 +119,7 @@ def _newton_schulz_op(G: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.
 
 
 @_newton_schulz_op.register_fake
-def _(G, steps, dtype):
+def _(G, steps, dtype, safety=NORM_SAFETY):
     return G.new_empty(G.shape, dtype=dtype)
 
 

@@ -8,7 +8,11 @@ nanochat's evaluation; the code is ours):
                      which that shared continuation has the lowest mean loss is the answer
   language_modeling  correct when greedy decoding would produce the continuation: the argmax at every one of
                      its tokens is that token
-Few-shot examples come from the same task, drawn with a seed fixed per item and never the item itself.
+Items and few-shot examples are drawn exactly as nanochat draws them (scripts/base_eval.py evaluate_core and
+nanochat/core_eval.py evaluate_example), so that one checkpoint gets the same CORE here and there: a task's items
+are shuffled with random.Random(1337) (always, whether or not --max-per-task keeps only the first N), and the item at
+position i of that list takes random.Random(1234 + i).sample(every other position of the list, num_fewshot) as its
+examples, from the list as evaluated (after the cut).
 Accuracy is centered on the task's random baseline, (acc - b) / (1 - b), so 0 means chance and 1 perfect;
 CORE is the mean centered accuracy over the tasks.
 """
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 from fastchat_core.common import DataError, is_dist, print0, rank, require_data, world_size
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-FEWSHOT_SEED = 1234  # item i draws its examples with random.Random(FEWSHOT_SEED + i)
-SUBSET_SEED = 1337  # --max-per-task keeps the first N items of one fixed shuffle
+FEWSHOT_SEED = 1234  # the item at position i of the evaluated list draws its examples with Random(FEWSHOT_SEED + i)
+SUBSET_SEED = 1337  # every task's items are shuffled with Random(SUBSET_SEED); --max-per-task keeps the first N
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,13 +62,22 @@ def load_items(data_dir, task: dict) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def evaluation_order(items: list[dict], max_per_task: int | None = None) -> list[dict]:
+    """The items as a task evaluates them: shuffled with Random(SUBSET_SEED), the first max_per_task kept."""
+    items = list(items)
+    random.Random(SUBSET_SEED).shuffle(items)
+    return items if max_per_task is None else items[:max_per_task]
+
+
 def fewshot_examples(items: list[dict], index: int, k: int) -> list[dict]:
-    """k items other than items[index], the same ones on every run and rank."""
+    """k items other than items[index] (items: the evaluated list, evaluation_order's), the same ones on every run
+    and rank: Random(FEWSHOT_SEED + index).sample of the other positions, as nanochat does."""
     k = min(k, len(items) - 1)
     if k <= 0:
         return []
     rng = random.Random(FEWSHOT_SEED + index)
-    # sample from the n-1 other positions: skip over the item itself
+    # random.sample picks positions from the population's length alone; sampling range(n - 1) and skipping over the
+    # item itself gives the same examples as sampling the list of the other indices
     return [items[j + (j >= index)] for j in rng.sample(range(len(items) - 1), k)]
 
 
@@ -210,13 +223,10 @@ def evaluate_core(model, tokenizer, data_dir=None, max_per_task=None, device=Non
         t0 = time.perf_counter()
         if task["file"] not in cache:  # hellaswag is two tasks (0- and 10-shot) over one file
             cache[task["file"]] = load_items(data_dir, task)
-        items = cache[task["file"]]
-        order = list(range(len(items)))
-        if max_per_task is not None and max_per_task < len(items):
-            random.Random(SUBSET_SEED).shuffle(order)
-            order = order[:max_per_task]
-        correct = sum(evaluate_item(model, tokenizer, items, i, task, max_seq_len, device) for i in order[r::world])
-        counts = torch.tensor([correct, len(order[r::world])], dtype=torch.float64, device=device)
+        items = evaluation_order(cache[task["file"]], max_per_task)
+        mine = range(r, len(items), world)
+        correct = sum(evaluate_item(model, tokenizer, items, i, task, max_seq_len, device) for i in mine)
+        counts = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
         if is_dist():
             dist.all_reduce(counts)
         accuracy = (counts[0] / counts[1]).item()
