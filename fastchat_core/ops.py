@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from fastchat_core.triton_kernels.muon_ns import newton_schulz_reference
+from fastchat_core.triton_kernels.muon_ns import NORM_SAFETY, newton_schulz_reference
 from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_reference
 from fastchat_core.triton_kernels.softcap_ce import softcap_ce_reference
 
@@ -28,12 +28,12 @@ def use_kernel(t: torch.Tensor) -> bool:
     return t.is_cuda and not _force_reference
 
 
-def rope_qknorm(q, k, cos, sin, positions=None, eps=1e-6):
-    """RMSNorm (no weight) then rotary on q (..., T, Hq, D) and k (..., T, Hk, D); returns (q, k)."""
+def rope_qknorm(q, k, cos, sin, positions=None, eps=1e-6, scale=1.0):
+    """RMSNorm (no weight) then rotary, times scale, on q (..., T, Hq, D) and k (..., T, Hk, D); returns (q, k)."""
     if use_kernel(q):
         from fastchat_core.triton_kernels.rope_qknorm import rope_qknorm_triton
-        return rope_qknorm_triton(q, k, cos, sin, positions, eps)
-    return rope_qknorm_reference(q, k, cos, sin, positions, eps)
+        return rope_qknorm_triton(q, k, cos, sin, positions, eps, scale)
+    return rope_qknorm_reference(q, k, cos, sin, positions, eps, scale)
 
 
 def softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
@@ -44,13 +44,14 @@ def softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, red
     return softcap_ce_reference(x, weight, targets, softcap, ignore_index, reduction)
 
 
-def newton_schulz(G, steps=5):
-    """Orthogonalize a stack (..., m, n) of same-shape matrices (Polar Express iteration), bf16 out."""
+def newton_schulz(G, steps=5, safety=NORM_SAFETY):
+    """Orthogonalize a stack (..., m, n) of same-shape matrices (Polar Express iteration), bf16 out.
+    safety: X is first divided by safety * its Frobenius norm (1.02 ours, 1.01 nanochat's)."""
     if use_kernel(G):
         from fastchat_core.triton_kernels.muon_ns import newton_schulz_triton
-        return newton_schulz_triton(G, steps)
+        return newton_schulz_triton(G, steps, safety=safety)
     # bf16 is a GPU speed trick; CPUs without bf16 units emulate it slowly, so they iterate in fp32
-    return newton_schulz_reference(G, steps, dtype=torch.bfloat16 if G.is_cuda else torch.float32)
+    return newton_schulz_reference(G, steps, dtype=torch.bfloat16 if G.is_cuda else torch.float32, safety=safety)
 
 
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):

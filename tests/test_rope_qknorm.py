@@ -102,6 +102,32 @@ def test_backward_matches_float64_autograd(B, T, Hq, Hk, D, dtype):
     torch.testing.assert_close(dk2, dk)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,T,Hq,Hk,D", SHAPES)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_qk_scale_folded_in_forward_and_backward(B, T, Hq, Hk, D, dtype, ragged):
+    """The model's qk_scale option: out = scale * rotate(rms_norm(x)), against the unscaled float64 reference
+    times the scale; the reference's own scale argument agrees."""
+    torch.manual_seed(11 + T + D)
+    scale = 1.2
+    cos, sin = tables(T + 9, D)
+    positions = torch.randint(0, T + 9, (B, T)) if ragged else None
+    q = (2 * torch.randn(B, T, Hq, D)).to(dtype).requires_grad_()
+    k = torch.randn(B, T, Hk, D).to(dtype).requires_grad_()
+    gq, gk = torch.randn(B, T, Hq, D).to(dtype), torch.randn(B, T, Hk, D).to(dtype)
+    q_out, k_out = rope_qknorm_triton(q, k, cos, sin, positions, EPS, scale)
+    dq, dk = torch.autograd.grad([q_out, k_out], [q, k], [gq, gk])
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    exp_q, exp_k = (scale * t for t in ref64(q64, k64, cos, sin, positions))
+    exp_dq, exp_dk = torch.autograd.grad([exp_q, exp_k], [q64, k64], [gq.double(), gk.double()])
+    rtol, atol = tolerance(dtype)
+    for got, exp in ((q_out, exp_q), (k_out, exp_k), (dq, exp_dq), (dk, exp_dk)):
+        torch.testing.assert_close(got.double(), exp.detach(), rtol=rtol, atol=atol)
+    ref_q, ref_k = rope_qknorm_reference(q64, k64, cos.double(), sin.double(), positions, EPS, scale)
+    torch.testing.assert_close(ref_q, exp_q)
+    torch.testing.assert_close(ref_k, exp_k)
+
+
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
 def test_positions_ragged_batch(pos_dtype):
     torch.manual_seed(3)

@@ -16,10 +16,11 @@ from fastchat_core import ops
 from fastchat_core.checkpoint import CheckpointError, load_checkpoint, load_meta, resolve_checkpoint
 from fastchat_core.cli import run as run_command
 from fastchat_core.common import ConfigError, DataError, data_root, home_dir, print0
-from fastchat_core.config import ModelConfig
+from fastchat_core.config import ModelConfig, add_model_option_args, model_options
 from fastchat_core.eval.bpb import evaluate_bpb
 from fastchat_core.model import GPT
-from fastchat_core.optim import add_optim_args, build_optimizers
+from fastchat_core.optim import (add_optim_args, batch_lr_scale, build_optimizers, optimizer_options, scaling_params,
+                                 schedule_options, set_recipe_defaults, weight_decay_scale)
 from fastchat_core.training import Trainer, accumulate, add_loop_args, add_run_args, setup_run, step_optimizers
 
 
@@ -31,6 +32,7 @@ def get_args(argv=None):
     g.add_argument("--n-kv-head", type=int, default=0, help="0 = MHA, 1 = MQA, else GQA")
     g.add_argument("--seq-len", type=int, default=2048)
     g.add_argument("--vocab-size", type=int, default=65536, help="only with --random-data (else the tokenizer's)")
+    add_model_option_args(g)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="folder/file of parquet, jsonl(.gz) or txt(.gz); "
                    "default $FASTCHAT_DATA/pretrain")
@@ -42,7 +44,7 @@ def get_args(argv=None):
     g.add_argument("--num-iterations", type=int, default=-1)
     g.add_argument("--target-param-data-ratio", type=float, default=20.0,
                    help="tokens = ratio * params, when --num-iterations is not given")
-    add_optim_args(g)
+    add_optim_args(g, pretraining=True)
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--warmdown-ratio", type=float, default=0.2)
     g.add_argument("--seed", type=int, default=42)
@@ -58,6 +60,7 @@ def get_args(argv=None):
     g.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="fused Triton kernels on CUDA (--no-kernels forces the PyTorch references)")
     g.add_argument("--profile", default=None, help="write a torch profiler table of the top kernels here")
+    set_recipe_defaults(p, argv)   # --optim-recipe's values become the defaults; explicit flags still win
     args = p.parse_args(argv)
     if args.seq_len < 8:
         p.error("--seq-len must be >= 8")
@@ -144,19 +147,22 @@ def train(args, run):
     T, B = args.seq_len, args.device_batch_size
     accum = grad_accum(args, world)
     tokenizer, vocab_size, data_path = text_source(args)
-    cfg = ModelConfig(depth=args.depth, vocab_size=vocab_size, seq_len=T, n_kv_head=args.n_kv_head)
+    cfg = ModelConfig(depth=args.depth, vocab_size=vocab_size, seq_len=T, n_kv_head=args.n_kv_head,
+                      **model_options(args))
     model = build_model(args, cfg, device)
     n_params, flops_per_token = model.num_params(), cfg.flops_per_token()
     if args.num_iterations > 0:
         num_steps = args.num_iterations
     else:
         num_steps = max(1, round(args.target_param_data_ratio * n_params / args.total_batch_size))
-    optimizers = build_optimizers(model, matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                                  unembedding_lr=args.unembedding_lr, weight_decay=args.weight_decay)
+    lr_scale, wd_scale = optim_scales(args, model, cfg)
+    optimizers = build_optimizers(model, **dict(optimizer_options(args), scalar_lr=args.scalar_lr * lr_scale),
+                                  matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                                  unembedding_lr=args.unembedding_lr * lr_scale, weight_decay=args.weight_decay * wd_scale)
     trainer = Trainer(args, run, model, optimizers, args.run_dir or home_dir() / "base" / f"d{args.depth}", num_steps,
                       stage="base", meta={"model_config": cfg.to_dict(), "args": vars(args)},
                       warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
-                      flops_per_token=flops_per_token)
+                      flops_per_token=flops_per_token, **schedule_options(args))
     loader_state = trainer.resume()
 
     def make_loader(split, state=None):
@@ -215,6 +221,21 @@ def train(args, run):
         if rank == 0:
             Path(args.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     return summary
+
+
+def optim_scales(args, model, cfg):
+    """(LR multiplier, weight-decay multiplier) of --batch-lr-scaling / --wd-scaling: nanochat's corrections for the
+    total batch against 2^19 tokens and, for weight decay, for the model's size against a d12 reference."""
+    lr_scale = batch_lr_scale(args.total_batch_size) if args.batch_lr_scaling else 1.0
+    wd_scale = 1.0
+    if args.wd_scaling:
+        from dataclasses import replace
+        with torch.device("meta"):
+            ref = GPT(replace(cfg, depth=12, dim=0, n_kv_head=0))   # nanochat's reference: d12, MHA
+        wd_scale = weight_decay_scale(args.total_batch_size, scaling_params(model), scaling_params(ref))
+    if lr_scale != 1.0 or wd_scale != 1.0:
+        print0(f"batch {args.total_batch_size:,} tokens: LRs x{lr_scale:.4f}, weight decay x{wd_scale:.4f}")
+    return lr_scale, wd_scale
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """QK-norm + rotary embedding, fused: one read and one write of q and k per pass.
 
-out = rotate(rms_norm(x)) for x in (q, k): RMSNorm without weights over head_dim (fp32 math), then the
-half-split rotation  y1 = x1*cos + x2*sin,  y2 = x2*cos - x1*sin  with x1, x2 the two halves of a head.
+out = scale * rotate(rms_norm(x)) for x in (q, k): RMSNorm without weights over head_dim (fp32 math), then
+the half-split rotation  y1 = x1*cos + x2*sin,  y2 = x2*cos - x1*sin  with x1, x2 the two halves of a head.
+The scale (1 unless the model's qk_scale option is on) is folded into the norm's factor: no extra pass.
 Unfused, this is ~5 elementwise passes each way; fused, forward reads x and writes y, backward reads x and
 dy and writes dx (the norm is recomputed, nothing is saved but the inputs): 10 passes of q+k in all.
 
@@ -45,10 +46,10 @@ def _check(q, k, cos, sin, positions):
                          f"token); got {positions.dtype} {tuple(positions.shape)}")
 
 
-def _rope_qknorm_one(x, cos, sin, positions, eps):
+def _rope_qknorm_one(x, cos, sin, positions, eps, scale):
     dtype = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(dtype)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = xf * (torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale)
     if positions is None:
         c, s = cos[: x.shape[-3]], sin[: x.shape[-3]]    # (T, D/2), broadcast over leading dims
     else:
@@ -58,11 +59,12 @@ def _rope_qknorm_one(x, cos, sin, positions, eps):
     return torch.cat([x1 * c + x2 * s, x2 * c - x1 * s], dim=-1).to(x.dtype)
 
 
-def rope_qknorm_reference(q, k, cos, sin, positions=None, eps=1e-6):
-    """rotate(rms_norm(x)) for q (..., T, Hq, D) and k (..., T, Hk, D); returns (q_out, k_out) in the
-    input dtypes. Plain PyTorch, differentiable; fp32 math (fp64 when the inputs are fp64)."""
+def rope_qknorm_reference(q, k, cos, sin, positions=None, eps=1e-6, scale=1.0):
+    """scale * rotate(rms_norm(x)) for q (..., T, Hq, D) and k (..., T, Hk, D); returns (q_out, k_out) in
+    the input dtypes. Plain PyTorch, differentiable; fp32 math (fp64 when the inputs are fp64)."""
     _check(q, k, cos, sin, positions)
-    return _rope_qknorm_one(q, cos, sin, positions, eps), _rope_qknorm_one(k, cos, sin, positions, eps)
+    return (_rope_qknorm_one(q, cos, sin, positions, eps, scale),
+            _rope_qknorm_one(k, cos, sin, positions, eps, scale))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def _tables(cos_ptr, sin_ptr, pos_ptr, rows, rmask, cols, mask, T, stab,
 
 
 @triton.jit
-def _fwd_tile(x_ptr, y_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps,
+def _fwd_tile(x_ptr, y_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps, scale,
               sxb, sxt, sxh, syb, syt, syh, stab,
               H: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, ROWS: tl.constexpr,
               HAS_POS: tl.constexpr):
@@ -118,8 +120,8 @@ def _fwd_tile(x_ptr, y_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps,
     x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
-    x1 = x1 * rstd
-    x2 = x2 * rstd
+    x1 = x1 * (rstd * scale)
+    x2 = x2 * (rstd * scale)
     c, s = _tables(cos_ptr, sin_ptr, pos_ptr, rows, rmask, cols, mask, T, stab, H, HAS_POS)
     yp = y_ptr + _row_offsets(rows, T, syb, syt, syh, H)[:, None] + cols[None, :]
     tl.store(yp, (x1 * c + x2 * s).to(y_ptr.dtype.element_ty), mask=mask)
@@ -127,7 +129,7 @@ def _fwd_tile(x_ptr, y_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps,
 
 
 @triton.jit
-def _bwd_tile(x_ptr, g_ptr, dx_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps,
+def _bwd_tile(x_ptr, g_ptr, dx_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, eps, scale,
               sxb, sxt, sxh, sgb, sgt, sgh, sdb, sdt, sdh, stab,
               H: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, ROWS: tl.constexpr,
               HAS_POS: tl.constexpr):
@@ -145,9 +147,9 @@ def _bwd_tile(x_ptr, g_ptr, dx_ptr, cos_ptr, sin_ptr, pos_ptr, tile, n_rows, T, 
     n1 = x1 * rstd
     n2 = x2 * rstd
     c, s = _tables(cos_ptr, sin_ptr, pos_ptr, rows, rmask, cols, mask, T, stab, H, HAS_POS)
-    # Undo the rotation (its transpose), then the norm: dx = rstd * (dn - n * mean(dn * n)).
-    dn1 = g1 * c - g2 * s
-    dn2 = g1 * s + g2 * c
+    # Undo the scale and the rotation (its transpose), then the norm: dx = rstd * (dn - n * mean(dn * n)).
+    dn1 = (g1 * c - g2 * s) * scale
+    dn2 = (g1 * s + g2 * c) * scale
     dot = ((tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / (2 * HALF))[:, None]
     dp = dx_ptr + _row_offsets(rows, T, sdb, sdt, sdh, H)[:, None] + cols[None, :]
     tl.store(dp, (rstd * (dn1 - n1 * dot)).to(dx_ptr.dtype.element_ty), mask=mask)
@@ -162,34 +164,34 @@ _NO_SPEC = [] if _INTERPRET else ["N", "T"]
 
 @triton.autotune(configs=_configs(), key=["HQ", "HK", "HALF", "HAS_POS"])
 @triton.jit(do_not_specialize=_NO_SPEC)
-def _rope_qknorm_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, N, T, eps,
+def _rope_qknorm_fwd_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, N, T, eps, scale,
                             sqb, sqt, sqh, skb, skt, skh, sqob, sqot, sqoh, skob, skot, skoh, stab,
                             HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
                             HAS_POS: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(N * HQ, ROWS)
     if pid < q_tiles:
-        _fwd_tile(q_ptr, qo_ptr, cos_ptr, sin_ptr, pos_ptr, pid, N * HQ, T, eps,
+        _fwd_tile(q_ptr, qo_ptr, cos_ptr, sin_ptr, pos_ptr, pid, N * HQ, T, eps, scale,
                   sqb, sqt, sqh, sqob, sqot, sqoh, stab, HQ, HALF, HALF_P, ROWS, HAS_POS)
     else:
-        _fwd_tile(k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, pid - q_tiles, N * HK, T, eps,
+        _fwd_tile(k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, pid - q_tiles, N * HK, T, eps, scale,
                   skb, skt, skh, skob, skot, skoh, stab, HK, HALF, HALF_P, ROWS, HAS_POS)
 
 
 @triton.autotune(configs=_configs(), key=["HQ", "HK", "HALF", "HAS_POS"])
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _rope_qknorm_bwd_kernel(q_ptr, k_ptr, gq_ptr, gk_ptr, dq_ptr, dk_ptr, cos_ptr, sin_ptr, pos_ptr,
-                            N, T, eps, sqb, sqt, sqh, skb, skt, skh, sgqb, sgqt, sgqh, sgkb, sgkt, sgkh,
+                            N, T, eps, scale, sqb, sqt, sqh, skb, skt, skh, sgqb, sgqt, sgqh, sgkb, sgkt, sgkh,
                             sdqb, sdqt, sdqh, sdkb, sdkt, sdkh, stab,
                             HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
                             HAS_POS: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0)
     q_tiles = tl.cdiv(N * HQ, ROWS)
     if pid < q_tiles:
-        _bwd_tile(q_ptr, gq_ptr, dq_ptr, cos_ptr, sin_ptr, pos_ptr, pid, N * HQ, T, eps,
+        _bwd_tile(q_ptr, gq_ptr, dq_ptr, cos_ptr, sin_ptr, pos_ptr, pid, N * HQ, T, eps, scale,
                   sqb, sqt, sqh, sgqb, sgqt, sgqh, sdqb, sdqt, sdqh, stab, HQ, HALF, HALF_P, ROWS, HAS_POS)
     else:
-        _bwd_tile(k_ptr, gk_ptr, dk_ptr, cos_ptr, sin_ptr, pos_ptr, pid - q_tiles, N * HK, T, eps,
+        _bwd_tile(k_ptr, gk_ptr, dk_ptr, cos_ptr, sin_ptr, pos_ptr, pid - q_tiles, N * HK, T, eps, scale,
                   skb, skt, skh, sgkb, sgkt, sgkh, sdkb, sdkt, sdkh, stab, HK, HALF, HALF_P, ROWS, HAS_POS)
 
 
@@ -223,8 +225,8 @@ def _grid(N, HQ, HK):
     return lambda meta: (triton.cdiv(N * HQ, meta["ROWS"]) + triton.cdiv(N * HK, meta["ROWS"]),)
 
 
-def rope_qknorm_fwd(q, k, cos, sin, positions, eps, q_out, k_out):
-    """Forward kernel launch: writes rotate(rms_norm(q)) into q_out and likewise k into k_out (same
+def rope_qknorm_fwd(q, k, cos, sin, positions, eps, q_out, k_out, scale=1.0):
+    """Forward kernel launch: writes scale * rotate(rms_norm(q)) into q_out and likewise k into k_out (same
     shapes as q and k, any strides with unit stride in D)."""
     cos, sin, pos, consts = _launch_args(q, k, cos, sin, positions)
     N, T = q.shape[:-2].numel(), q.shape[-3]
@@ -232,12 +234,12 @@ def rope_qknorm_fwd(q, k, cos, sin, positions, eps, q_out, k_out):
         return q_out, k_out
     qv, kv, qov, kov = _as_btd(q), _as_btd(k), q_out.view(-1, *q.shape[-3:]), k_out.view(-1, *k.shape[-3:])
     _rope_qknorm_fwd_kernel[_grid(N, consts["HQ"], consts["HK"])](
-        qv, kv, qov, kov, cos, sin, pos, N, T, eps,
+        qv, kv, qov, kov, cos, sin, pos, N, T, eps, scale,
         *qv.stride()[:3], *kv.stride()[:3], *qov.stride()[:3], *kov.stride()[:3], cos.stride(0), **consts)
     return q_out, k_out
 
 
-def rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, dq, dk):
+def rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, dq, dk, scale=1.0):
     """Backward kernel launch: from the forward's inputs q, k and the output grads, writes dq and dk."""
     cos, sin, pos, consts = _launch_args(q, k, cos, sin, positions)
     N, T = q.shape[:-2].numel(), q.shape[-3]
@@ -246,7 +248,7 @@ def rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, dq, dk):
     qv, kv, gqv, gkv = _as_btd(q), _as_btd(k), _as_btd(grad_q), _as_btd(grad_k)
     dqv, dkv = dq.view(-1, *q.shape[-3:]), dk.view(-1, *k.shape[-3:])
     _rope_qknorm_bwd_kernel[_grid(N, consts["HQ"], consts["HK"])](
-        qv, kv, gqv, gkv, dqv, dkv, cos, sin, pos, N, T, eps,
+        qv, kv, gqv, gkv, dqv, dkv, cos, sin, pos, N, T, eps, scale,
         *qv.stride()[:3], *kv.stride()[:3], *gqv.stride()[:3], *gkv.stride()[:3],
         *dqv.stride()[:3], *dkv.stride()[:3], cos.stride(0), **consts)
     return dq, dk
@@ -262,12 +264,12 @@ def _fresh(q, k):
 
 @torch.library.custom_op("fastchat_triton::rope_qknorm", mutates_args=())
 def _rope_qknorm_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    positions: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_qknorm_fwd(q, k, cos, sin, positions, eps, *_fresh(q, k))
+                    positions: torch.Tensor | None, eps: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_qknorm_fwd(q, k, cos, sin, positions, eps, *_fresh(q, k), scale)
 
 
 @_rope_qknorm_op.register_fake
-def _(q, k, cos, sin, positions, eps):
+def _(q, k, cos, sin, positions, eps, scale=1.0):
     _check(q, k, cos, sin, positions)
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
@@ -275,25 +277,25 @@ def _(q, k, cos, sin, positions, eps):
 @torch.library.custom_op("fastchat_triton::rope_qknorm_backward", mutates_args=())
 def _rope_qknorm_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, *_fresh(q, k))
+                             eps: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, eps, *_fresh(q, k), scale)
 
 
 @_rope_qknorm_backward_op.register_fake
-def _(grad_q, grad_k, q, k, cos, sin, positions, eps):
+def _(grad_q, grad_k, q, k, cos, sin, positions, eps, scale=1.0):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, cos, sin, positions, eps = inputs
+    q, k, cos, sin, positions, eps, scale = inputs
     ctx.save_for_backward(q, k, cos, sin, positions)
-    ctx.eps = eps
+    ctx.eps, ctx.scale = eps, scale
 
 
 def _backward(ctx, grad_q, grad_k):
     q, k, cos, sin, positions = ctx.saved_tensors
-    dq, dk = _rope_qknorm_backward_op(grad_q, grad_k, q, k, cos, sin, positions, ctx.eps)
-    return dq, dk, None, None, None, None
+    dq, dk = _rope_qknorm_backward_op(grad_q, grad_k, q, k, cos, sin, positions, ctx.eps, ctx.scale)
+    return dq, dk, None, None, None, None, None
 
 
 _rope_qknorm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -305,18 +307,18 @@ class _RopeQKNormEager(torch.autograd.Function):
     CPU time per call decides whether the GPU waits."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, positions, eps):
-        _setup_context(ctx, (q, k, cos, sin, positions, eps), None)
-        return rope_qknorm_fwd(q, k, cos, sin, positions, eps, *_fresh(q, k))
+    def forward(ctx, q, k, cos, sin, positions, eps, scale):
+        _setup_context(ctx, (q, k, cos, sin, positions, eps, scale), None)
+        return rope_qknorm_fwd(q, k, cos, sin, positions, eps, *_fresh(q, k), scale)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         q, k, cos, sin, positions = ctx.saved_tensors
-        dq, dk = rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, ctx.eps, *_fresh(q, k))
-        return dq, dk, None, None, None, None
+        dq, dk = rope_qknorm_bwd(grad_q, grad_k, q, k, cos, sin, positions, ctx.eps, *_fresh(q, k), ctx.scale)
+        return dq, dk, None, None, None, None, None
 
 
-def rope_qknorm_triton(q, k, cos, sin, positions=None, eps=1e-6):
+def rope_qknorm_triton(q, k, cos, sin, positions=None, eps=1e-6, scale=1.0):
     """Same signature and result as rope_qknorm_reference, through the fused Triton kernels
     (differentiable in q and k; CUDA tensors, or CPU under TRITON_INTERPRET=1). Under torch.compile it
     is the custom op (no graph break); eager calls skip the op's dispatch (see _RopeQKNormEager).
@@ -324,5 +326,5 @@ def rope_qknorm_triton(q, k, cos, sin, positions=None, eps=1e-6):
     The first call per (heads, head_dim, positions or not) autotunes: warm up before CUDA graph capture.
     Positions outside the tables are not checked here (that would sync the GPU)."""
     if torch.compiler.is_compiling():
-        return _rope_qknorm_op(q, k, cos, sin, positions, eps)
-    return _RopeQKNormEager.apply(q, k, cos, sin, positions, eps)
+        return _rope_qknorm_op(q, k, cos, sin, positions, eps, float(scale))
+    return _RopeQKNormEager.apply(q, k, cos, sin, positions, eps, float(scale))
