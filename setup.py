@@ -78,7 +78,7 @@ setup(
         "starlette",
     ],
     extras_require={
-        "test": ["pytest", "uvicorn", "starlette", "httpx", "websockets", "matplotlib", "wandb"],
+        "test": ["pytest", "uvicorn", "starlette", "httpx", "websockets", "matplotlib", "wandb", "openai"],
     },
     entry_points={"console_scripts": ["fastchat = fastchat_core.cli:main"]},
 )

@@ -138,6 +138,10 @@ class Tokenizer:
         return torch.tensor([0 if i in special_ids else len(b) for i, b in enumerate(self._bytes)],
                             dtype=torch.long)
 
+    def token_to_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a special token: its own text); may be part of a UTF-8 character."""
+        return self._bytes[token_id]
+
     # ---- encode / decode ----------------------------------------------------------------------------------
 
     def _token_id(self, token) -> int:

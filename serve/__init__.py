@@ -28,7 +28,9 @@ def get_args(argv=None):
                         "limit (default %(default)s)")
     p.add_argument("--compile-decode", action="store_true",
                    help="torch.compile the decode step (fuses its elementwise work; costs a compile at start-up)")
-    p.add_argument("--model-name", default=None, help="the model id the API reports (default: <stage>-<run>)")
+    p.add_argument("--model-name", action="append", default=None,
+                   help="a model id the API answers to, repeatable or comma-separated: /v1/models lists them all, "
+                        "the first is the default (default: <stage>-<run>); requests naming another get 404")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM / Ctrl-C, seconds to let in-flight requests finish before cancelling them")
     args = p.parse_args(argv)
@@ -46,8 +48,9 @@ def create_app(args):
     engine, _, ckpt = load_engine(**engine_options(args), max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=max(8192, args.max_num_seqs),
                                   compile_decode=args.compile_decode)
-    name = args.model_name or f"{ckpt.parent.parent.name}-{ckpt.parent.name}"   # e.g. sft-d20
-    return build_app(AsyncEngine(engine, max_waiting=args.max_queue), model_name=name, api_key=args.api_key,
+    names = [n.strip() for arg in args.model_name or () for n in arg.split(",") if n.strip()]
+    names = names or [f"{ckpt.parent.parent.name}-{ckpt.parent.name}"]   # e.g. sft-d20
+    return build_app(AsyncEngine(engine, max_waiting=args.max_queue), model_names=names, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes)
 
 

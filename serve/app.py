@@ -8,6 +8,8 @@ and its JSON parsing, validation and tokenization run in a worker thread: the ev
 megabytes-long request does not stall other clients' streams. An accepted request runs as one task per choice, each
 reading its engine stream; when the client goes away the tasks are cancelled, which aborts the engine requests and
 frees their KV blocks at once. Streams are server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
+Logprobs come in OpenAI's shapes: chat's {"content": [{token, logprob, bytes, top_logprobs}]}, completions'
+{tokens, token_logprobs, top_logprobs, text_offset} (the chosen token among its top_logprobs, as OpenAI does).
 Shutdown (SIGTERM, Ctrl-C) is uvicorn's: stop accepting, let in-flight responses finish, then the lifespan hook
 stops the engine thread.
 """
@@ -15,6 +17,7 @@ import asyncio
 import bisect
 import contextlib
 import hmac
+import itertools
 import json
 import time
 import uuid
@@ -33,7 +36,7 @@ from fastchat_core.engine import AsyncEngine, QueueFull
 from fastchat_core.serve.schemas import (MAX_BODY_BYTES, GenerationRequest, RequestError, chat_request,
                                          completion_request, parse_json)
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/models/{id}", "/v1/chat/completions", "/v1/completions")
 
 
 class Histogram:
@@ -102,7 +105,8 @@ class CountResponses:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = "/v1/models/{id}" if scope["path"].startswith("/v1/models/") else scope["path"]
+        route = path if path in ROUTES else "other"
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
@@ -119,7 +123,8 @@ class Generation:
     def __init__(self, engine: AsyncEngine, req: GenerationRequest, live: set, metrics: Metrics):
         self.n, self.metrics, self.start = len(req.params), metrics, time.perf_counter()
         self._queue = asyncio.Queue()
-        self._tasks = [asyncio.create_task(self._pump(engine, i, req.prompt_ids, p)) for i, p in enumerate(req.params)]
+        self._tasks = [asyncio.create_task(self._pump(engine, i, req.prompts[i // req.n], p))
+                       for i, p in enumerate(req.params)]
         for task in self._tasks:   # `live` counts accepted choices until their task is done, cancelled or not
             live.add(task)
             task.add_done_callback(live.discard)
@@ -170,8 +175,8 @@ async def _until_disconnect(receive):
 class ChatServer:
     """The routes' shared state: one AsyncEngine for all requests, the metrics, the accepted choices."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None, max_body_bytes: int):
-        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+    def __init__(self, engine: AsyncEngine, model_names: list[str], api_key: str | None, max_body_bytes: int):
+        self.engine, self.model_names, self.api_key = engine, model_names, api_key
         self.max_body_bytes = max_body_bytes
         # request parsing runs in a thread, one at a time: the GIL lets one run anyway, and with fewer threads
         # holding it through long C calls (json.loads of megabytes) the event loop gets it back sooner
@@ -206,10 +211,21 @@ class ChatServer:
         return PlainTextResponse(self.metrics.render(self.engine.metrics(), len(self.live)),
                                  media_type="text/plain; version=0.0.4")
 
+    def _model(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "fastchat", "max_model_len": self.context}
+
     async def models(self, request):
         self._authorize(request)
-        return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                                         "owned_by": "fastchat", "max_model_len": self.context}]})
+        return JSONResponse({"object": "list", "data": [self._model(name) for name in self.model_names]})
+
+    async def model(self, request):
+        self._authorize(request)
+        name = request.path_params["id"]
+        if name not in self.model_names:
+            raise RequestError(f"the model {name[:100]!r} does not exist: this server serves "
+                               f"{', '.join(map(repr, self.model_names))}", "model", code="model_not_found",
+                               status=404)
+        return JSONResponse(self._model(name))
 
     async def chat_completions(self, request):
         return await self._complete(request, chat=True)
@@ -243,7 +259,7 @@ class ChatServer:
         """Body chunks -> a validated, tokenized request: CPU work that grows with the body, so it runs in a thread
         while the event loop serves other clients."""
         parse = chat_request if chat else completion_request
-        return parse(parse_json(b"".join(chunks)), self.tokenizer, self.context, self.token_chars)
+        return parse(parse_json(b"".join(chunks)), self.tokenizer, self.context, self.token_chars, self.model_names)
 
     async def _complete(self, request, chat: bool):
         self._authorize(request)
@@ -253,9 +269,9 @@ class ChatServer:
             return Response(status_code=499)   # gone mid-upload (nginx's code); nobody reads this
         async with self.parsing:
             req = await asyncio.to_thread(self._parse, chunks, chat)
-        for params in req.params:   # what only the engine knows (KV cache size, ...): refuse before queueing
+        for i, params in enumerate(req.params):   # what only the engine knows (KV cache size, ...): refuse first
             try:
-                self.engine.check_request(req.prompt_ids, params)
+                self.engine.check_request(req.prompts[i // req.n], params)
             except ValueError as e:
                 raise RequestError(str(e)) from None
         if len(self.live) + len(req.params) > self.capacity:
@@ -264,7 +280,7 @@ class ChatServer:
                                type="rate_limit_error", headers={"Retry-After": "1"})
         gen = Generation(self.engine, req, self.live, self.metrics)
         head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()),
-                    model=self.model_name)
+                    model=req.model)
         if req.stream:
             return StreamingResponse(self._events(gen, req, head, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -272,10 +288,18 @@ class ChatServer:
         results = await self._collect(gen, request.receive)
         if results is None:
             return Response(status_code=499)   # the client is gone (nginx's code); nobody reads this
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}} if chat else
-                   {"index": i, "text": r.text} for i, r in enumerate(results)]
-        for c, r in zip(choices, results):
-            c.update(logprobs=None, finish_reason=r.finish_reason)
+        choices = []
+        for i, r in enumerate(results):
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": r.text},
+                          "logprobs": None if r.logprobs is None else self._chat_logprobs(r.token_ids, r.logprobs)}
+            else:
+                echo = self._echo(req, i, r.prompt_logprobs)
+                logprobs = None
+                if r.logprobs is not None:
+                    logprobs = self._completion_logprobs(echo[1] + r.token_ids, echo[2] + r.logprobs)
+                choice = {"index": i, "text": echo[0] + r.text, "logprobs": logprobs}
+            choices.append(choice | {"finish_reason": r.finish_reason})
         return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                              "usage": _usage(req, results)})
 
@@ -308,11 +332,27 @@ class ChatServer:
         def event(choices, **extra):
             return f"data: {json.dumps({**head, 'object': obj, 'choices': choices, **extra})}\n\n"
 
-        def choice(index, text, finish_reason):
+        offsets = [0] * gen.n   # completions' text_offset, per choice: characters sent so far
+        started = [False] * gen.n
+
+        def choice(index, delta):
             if chat:
-                return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None,
-                        "finish_reason": finish_reason}
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                logprobs = None if delta.logprobs is None else self._chat_logprobs(delta.new_token_ids, delta.logprobs)
+                return {"index": index, "delta": {"content": delta.text} if delta.text else {}, "logprobs": logprobs,
+                        "finish_reason": delta.finish_reason}
+            # the echoed prompt goes ahead of the first tokens (its logprobs come with them)
+            text, ids, entries = ("", [], [])
+            if not started[index]:
+                prompt_lp = delta.prompt_logprobs or (delta.result and delta.result.prompt_logprobs)
+                text, ids, entries = self._echo(req, index, prompt_lp)
+            started[index] = True
+            logprobs = None
+            if delta.logprobs is not None:
+                logprobs = self._completion_logprobs(ids + delta.new_token_ids, entries + delta.logprobs,
+                                                     offsets[index])
+                offsets[index] += sum(map(len, logprobs["tokens"]))
+            return {"index": index, "text": text + delta.text, "logprobs": logprobs,
+                    "finish_reason": delta.finish_reason}
 
         results = [None] * gen.n
         try:
@@ -322,8 +362,8 @@ class ChatServer:
             async for index, delta in gen.deltas():
                 if delta.finished:
                     results[index] = delta.result
-                if delta.text or delta.finished:
-                    yield event([choice(index, delta.text, delta.finish_reason)])
+                if delta.text or delta.finished or delta.logprobs or (req.echo and not started[index]):
+                    yield event([choice(index, delta)])
             if req.include_usage:
                 yield event([], usage=_usage(req, results))
         except Exception as e:   # the 200 headers are sent: report in-band, as OpenAI does
@@ -333,11 +373,48 @@ class ChatServer:
         yield "data: [DONE]\n\n"
 
 
+    # ---- logprobs in OpenAI's shapes ----
+
+    def _token(self, token_id: int) -> dict:
+        raw = self.tokenizer.token_to_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+
+    def _chat_logprobs(self, token_ids, entries) -> dict:
+        """Chat's logprobs: per token, its logprob (null for pasted tool output) and the top alternatives."""
+        content = []
+        for t, entry in zip(token_ids, entries):
+            logprob, top = entry or (None, [])
+            content.append({**self._token(t), "logprob": logprob,
+                            "top_logprobs": [{**self._token(i), "logprob": v} for i, v in top]})
+        return {"content": content}
+
+    def _completion_logprobs(self, token_ids, entries, offset=0) -> dict:
+        """Completions' logprobs: token strings, their logprobs, each token's top alternatives and itself as
+        {string: logprob}, and where each starts in the text (from `offset`). None entries stay null."""
+        tokens = [self.tokenizer.decode([t]) for t in token_ids]
+        starts = list(itertools.accumulate(map(len, tokens), initial=offset))[:-1]
+        top = [None if e is None else {self.tokenizer.decode([i]): v for i, v in [(t, e[0]), *e[1]]}
+               for t, e in zip(token_ids, entries)]
+        return {"tokens": tokens, "token_logprobs": [e and e[0] for e in entries], "top_logprobs": top,
+                "text_offset": starts}
+
+    def _echo(self, req: GenerationRequest, index: int, prompt_logprobs) -> tuple[str, list, list]:
+        """What echo puts ahead of choice `index`'s completion: (the prompt's text, its token ids, their logprob
+        entries: null for the first token, which nothing predicts); nothing without echo."""
+        if req.echo is None:
+            return "", [], []
+        p = index // req.n
+        ids = req.prompts[p][req.echo[p]:]
+        entries = ([None] + (prompt_logprobs or []))[req.echo[p]:]   # logprobs asked for: the prompt's are there
+        return self.tokenizer.decode(ids), ids, entries
+
+
 def _usage(req: GenerationRequest, results) -> dict:
     completion = sum(len(r.token_ids) for r in results)
-    prompt = len(req.prompt_ids)   # counted once, whatever n is (as OpenAI does)
+    prompt = sum(map(len, req.prompts))   # each prompt counted once, whatever n is (as OpenAI does)
+    cached = sum(r.num_cached_tokens for r in results[::req.n])
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": results[0].num_cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _request_error(request, e: RequestError):
@@ -347,7 +424,7 @@ async def _request_error(request, e: RequestError):
 async def _http_error(request, e: HTTPException):
     """Starlette's 404 / 405 in OpenAI's error shape."""
     message = (f"{e.detail}: {request.method} {request.url.path}. This server answers POST /v1/chat/completions, "
-               "POST /v1/completions, GET /v1/models, GET /health, GET /metrics and GET / (the web UI)")
+               "POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics and GET / (the web UI)")
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": e.status_code}}
     return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
@@ -358,11 +435,12 @@ async def _server_error(request, e: Exception):
     return JSONResponse(body, status_code=500)
 
 
-def build_app(engine: AsyncEngine, model_name: str = "fastchat", api_key: str | None = None,
+def build_app(engine: AsyncEngine, model_names: list[str] = ("fastchat",), api_key: str | None = None,
               max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
-    """The ASGI app over a running AsyncEngine (which it closes at shutdown). api_key: required as
-    `Authorization: Bearer KEY` on /v1/* when set; max_body_bytes: larger request bodies get 413."""
-    server = ChatServer(engine, model_name, api_key, max_body_bytes)
+    """The ASGI app over a running AsyncEngine (which it closes at shutdown). model_names: what requests may
+    name as their `model` (the first is the default); api_key: required as `Authorization: Bearer KEY` on
+    /v1/* when set; max_body_bytes: larger request bodies get 413."""
+    server = ChatServer(engine, list(model_names), api_key, max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -370,7 +448,7 @@ def build_app(engine: AsyncEngine, model_name: str = "fastchat", api_key: str | 
         await asyncio.to_thread(engine.close)   # uvicorn calls this after in-flight responses have finished
 
     routes = [Route("/", server.index), Route("/health", server.health), Route("/metrics", server.prometheus),
-              Route("/v1/models", server.models),
+              Route("/v1/models", server.models), Route("/v1/models/{id:path}", server.model),
               Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
               Route("/v1/completions", server.completions, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(CountResponses, metrics=server.metrics)],

@@ -277,9 +277,9 @@ def test_fuzzed_requests_never_get_a_5xx(server, tok):
     rng = random.Random(0)
     cases = []
     for stream in (False, True):
-        bases = {"chat": {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
+        bases = {"chat": {"model": "sft-d1", "messages": [{"role": "system", "content": "Be brief."},
                                                      {"role": "user", "content": chat_text}]},
-                 "completions": {"model": "m", "prompt": prompt_text}}
+                 "completions": {"model": "sft-d1", "prompt": prompt_text}}
         for route, base in bases.items():
             base.update(max_tokens=3, temperature=0.8, top_p=0.9, top_k=20, seed=1, n=2, stop=["\n\n"],
                         stream=stream, stream_options={"include_usage": True})

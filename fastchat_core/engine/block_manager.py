@@ -98,25 +98,27 @@ class BlockManager:
 
     # ---- admission --------------------------------------------------------------------------------
 
-    def can_allocate(self, seq: Sequence, reserved: int = 0) -> bool:
+    def can_allocate(self, seq: Sequence, reserved: int = 0, share: bool = True) -> bool:
         """Whether blocks for all of the sequence's current tokens can be had now (prefix hits counted),
-        leaving `reserved` free blocks to others (the scheduler's sequences held back a step)."""
+        leaving `reserved` free blocks to others (the scheduler's sequences held back a step). share=False:
+        as `allocate(seq, share=False)` would take them, without the prefix cache."""
         needed = self._blocks_for(len(seq.token_ids))
-        hits = self._prefix_hits(seq.token_ids)[0]
+        hits = self._prefix_hits(seq.token_ids)[0] if share else []
         reclaimed = sum(self.ref_counts[b] == 0 for b in hits)   # cached hits stop being free once shared
         return needed - len(hits) <= self.num_free_blocks - reclaimed - reserved
 
-    def allocate(self, seq: Sequence) -> int:
+    def allocate(self, seq: Sequence, share: bool = True) -> int:
         """Reserve blocks for all of the sequence's current tokens; returns how many are already cached.
 
         The cached count is a multiple of block_size and always less than the number of tokens: the last
-        prompt token is recomputed even on a full hit, since its logits are needed to sample.
+        prompt token is recomputed even on a full hit, since its logits are needed to sample. share=False:
+        fresh blocks for every token, whatever is cached (a prompt being scored needs the logits of each).
         """
         if seq.seq_id in self.tables:
             raise ValueError(f"seq {seq.seq_id} already has blocks; free it before allocating again")
-        if not self.can_allocate(seq):
+        if not self.can_allocate(seq, share=share):
             raise RuntimeError("out of KV blocks: check can_allocate(seq) first and preempt when it is False")
-        hits, hashes = self._prefix_hits(seq.token_ids)
+        hits, hashes = self._prefix_hits(seq.token_ids) if share else ([], [])
         table = _Table(hashes=hashes)
         for b in hits:
             if self.ref_counts[b] == 0:

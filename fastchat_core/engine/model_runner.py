@@ -3,7 +3,7 @@
 Decode (one new token per running sequence) has fixed shapes, so on the GPU it is replayed from a CUDA graph
 captured per batch-size bucket; prefill (ragged, compute-bound) runs eagerly as one packed forward.
 It reads the model through its engine interface only: config, forward_paged, qkv_parts (sizes), fuse_qkv
-and qkv_version.
+and qkv_version. A model with config.smear also gets each new token's predecessor (prev_ids).
 """
 import itertools
 import math
@@ -42,6 +42,7 @@ class ModelRunner:
                  use_cuda_graphs: bool, compile_decode: bool = False):
         cfg, p = model.config, next(model.parameters())
         self.model, self.bm, self.device = model, block_manager, p.device
+        self.smear = cfg.smear
         # torch.compile fuses the decode step's norms, residual adds, ReLU^2 and logit softcap (the custom
         # ops stay calls and write the caches in place); batch sizes are symbolic, so one compile serves
         # every graph bucket. Opt-in: it costs a compile at start-up.
@@ -92,6 +93,8 @@ class ModelRunner:
         fill = (rows, tokens, src): those rows' newest token is still PENDING on the host; it is tokens[src],
         a device tensor from the previous step's sampling."""
         ids = [s.token_ids[-1] for s in seqs]
+        # the token before a PENDING one is known: it was put in place before this step was launched
+        prev = [s.token_ids[-2] for s in seqs] if self.smear else None
         ctx = [len(s.token_ids) for s in seqs]
         pos = [n - 1 for n in ctx]
         slots = [self.bm.slot_mapping(s, n - 1, n)[0] for s, n in zip(seqs, ctx)]
@@ -102,12 +105,15 @@ class ModelRunner:
             batch = PagedBatch(False, self.to_device(slots, torch.int64), tables, self.to_device(ctx, torch.int32))
             ids = self._fill(self.to_device(ids, torch.int64), fill)
             return self._decode_forward(ids, self.to_device(pos, torch.int64), batch, self.kv_caches,
-                                        qkv_weights=self.qkv_weights)
+                                        qkv_weights=self.qkv_weights,
+                                        prev_ids=None if prev is None else self.to_device(prev, torch.int64))
         # Pad to the captured size: padding rows write nowhere (slot -1) and read one token of their first block.
         # Table entries past a row's context are never read, so only the columns in use are copied.
         pad = bs - n
-        s_ids, s_pos, s_slots, s_ctx, s_tables = self.static
+        s_ids, s_pos, s_slots, s_ctx, s_tables, s_prev = self.static
         s_ids[:bs].copy_(pinned(self.device, ids + [0] * pad, torch.int64), non_blocking=True)
+        if prev is not None:
+            s_prev[:bs].copy_(pinned(self.device, prev + [0] * pad, torch.int64), non_blocking=True)
         self._fill(s_ids, fill)
         s_pos[:bs].copy_(pinned(self.device, pos + [0] * pad, torch.int64), non_blocking=True)
         s_slots[:bs].copy_(pinned(self.device, slots + [-1] * pad, torch.int64), non_blocking=True)
@@ -124,25 +130,28 @@ class ModelRunner:
             ids[self.to_device(rows, torch.int64)] = tokens[self.to_device(src, torch.int64)]
         return ids
 
-    def prefill(self, chunks, want_logits) -> torch.Tensor:
+    def prefill(self, chunks, num_logits) -> torch.Tensor:
         """One packed forward over chunks [(seq, n)]: computes token_ids[num_computed:+n] of each; returns the
-        logits of each chunk's last token where want_logits[i] (the chunks that finish their prefill)."""
-        ids, pos, slots, qlens, ctxs = [], [], [], [], []
+        logits of each chunk's last num_logits[i] tokens, in chunk order (1 for a chunk that finishes its
+        prefill, all n for a prompt being scored, else 0)."""
+        ids, prev, pos, slots, qlens, ctxs = [], [], [], [], [], []
         for seq, n in chunks:
             c = seq.num_computed
             ids += seq.token_ids[c:c + n]
+            prev += seq.token_ids[c - 1:c + n - 1] if c else [0, *seq.token_ids[:n - 1]]
             pos += range(c, c + n)
             slots += self.bm.slot_mapping(seq, c, c + n)
             qlens.append(n)
             ctxs.append(c + n)
         last = list(itertools.accumulate(qlens))
-        rows = [end - 1 for end, want in zip(last, want_logits) if want]
+        rows = [r for end, k in zip(last, num_logits) for r in range(end - k, end)]
         batch = PagedBatch(True, self.to_device(slots, torch.int64),
                            self._tables([s for s, _ in chunks]).to(self.device, non_blocking=True),
                            self.to_device(ctxs, torch.int32), qlens, ctxs)
         return self.model.forward_paged(self.to_device(ids, torch.int64), self.to_device(pos, torch.int64), batch,
                                         self.kv_caches, logits_at=self.to_device(rows, torch.int64),
-                                        qkv_weights=self.qkv_weights)
+                                        qkv_weights=self.qkv_weights,
+                                        prev_ids=self.to_device(prev, torch.int64) if self.smear else None)
 
     @torch.inference_mode()
     def _capture_graphs(self, max_num_seqs):
@@ -152,20 +161,21 @@ class ModelRunner:
         sizes = graph_batch_sizes(max_num_seqs)
         m = max_num_seqs
         i32, i64 = dict(dtype=torch.int32, device=self.device), dict(dtype=torch.int64, device=self.device)
-        # ids, positions, slots, context lengths, block tables; every row starts as padding
+        # ids, positions, slots, context lengths, block tables, previous ids (smear); every row starts as padding
         self.static = (torch.zeros(m, **i64), torch.zeros(m, **i64), torch.full((m,), -1, **i64), torch.ones(m, **i32),
-                       torch.zeros(m, self.max_blocks, **i32))
-        s_ids, s_pos, s_slots, s_ctx, s_tables = self.static
+                       torch.zeros(m, self.max_blocks, **i32), torch.zeros(m, **i64))
+        s_ids, s_pos, s_slots, s_ctx, s_tables, s_prev = self.static
         logits = torch.empty(m, self.model.config.vocab_size, dtype=torch.float32, device=self.device)
         pool = None
         for bs in reversed(sizes):
             args = (s_ids[:bs], s_pos[:bs], PagedBatch(False, s_slots[:bs], s_tables[:bs], s_ctx[:bs]), self.kv_caches)
             # warm-up: compiling, Triton autotuning, cuBLAS set-up are not captured
-            self._decode_forward(*args, out=logits[:bs], qkv_weights=self.qkv_weights)
+            kwargs = dict(out=logits[:bs], qkv_weights=self.qkv_weights, prev_ids=s_prev[:bs] if self.smear else None)
+            self._decode_forward(*args, **kwargs)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._decode_forward(*args, out=logits[:bs], qkv_weights=self.qkv_weights)
+                self._decode_forward(*args, **kwargs)
             pool = graph.pool()
             self.graphs[bs] = (graph, logits[:bs])
         torch.cuda.synchronize(self.device)

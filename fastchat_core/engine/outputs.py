@@ -11,6 +11,10 @@ class Result(NamedTuple):
     finish_reason: str          # "stop" (EOS, stop token or stop string), "length" or "abort"
     num_prompt_tokens: int
     num_cached_tokens: int      # prompt tokens served from the prefix cache
+    # per token, (logprob, [(token id, logprob), ...] best first: as many as asked for), when SamplingParams
+    # asked: the output's (None for pasted tool output) and the prompt's from its second token on
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 class Delta(NamedTuple):
@@ -21,6 +25,8 @@ class Delta(NamedTuple):
     finish_reason: str | None
     text: str = ""              # new text; held back while it could still become a stop string
     result: Result | None = None   # the whole result, on the final delta
+    logprobs: list | None = None   # the new tokens' logprob entries, when SamplingParams.logprobs asked
+    prompt_logprobs: list | None = None   # on the first token's delta, when SamplingParams.prompt_logprobs asked
 
 
 def stop_reason(seq: Sequence, token: int, eos_ids: set[int]) -> tuple[str | None, bool]:

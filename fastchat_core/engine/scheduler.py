@@ -12,6 +12,10 @@ A waiting prompt that shares at least MIN_SHARED_BLOCKS leading blocks with a pr
 now (n > 1 samples of one prompt, RL's groups, a long system prompt arriving in a burst) waits one step: by
 then those blocks are written and named, so it shares them instead of computing them a second time. It
 keeps its seat and the blocks it will need meanwhile; later requests may go ahead only with what is left.
+
+A prompt being scored (prompt logprobs) needs the logits of every position, so it shares no cached prefix
+(its K/V would be there, its logits not) and its chunks are cut so that one step returns at most
+MAX_SCORED_TOKENS rows of logits: those are (rows, vocabulary) float32, 256 MiB at 1024 x 65,536.
 """
 from collections import deque
 
@@ -19,6 +23,7 @@ from fastchat_core.engine.block_manager import BlockManager
 from fastchat_core.engine.sequence import FINISHED, PENDING, RUNNING, WAITING, Sequence
 
 MIN_SHARED_BLOCKS = 4   # below this, computing the blocks again costs less than a step of waiting
+MAX_SCORED_TOKENS = 1024   # prompt positions whose logits one step returns (prompt logprobs)
 
 
 class Scheduler:
@@ -55,11 +60,13 @@ class Scheduler:
             self.bm.append_slot(seq)
             decodes.append(seq)
             budget -= 1
+        scored = MAX_SCORED_TOKENS   # what is left of this step's rows of prompt logits
         for seq in self.running:
-            if seq.is_prefilling and budget > 0:
-                n = min(seq.prefill_len - seq.num_computed, budget)
+            n = min(seq.prefill_len - seq.num_computed, budget, scored if seq.scores_prompt else budget)
+            if seq.is_prefilling and n > 0:
                 prefills.append((seq, n))
                 budget -= n
+                scored -= n * seq.scores_prompt
         # prompts whose first block is being computed this step, by that block's name
         in_flight = {h: seq for seq, _ in prefills if (h := self.bm.first_block_hash(seq.token_ids)) is not None}
         deferred, reserved = [], 0   # held back a step, and the blocks they will still need of their own
@@ -67,25 +74,28 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PENDING:
                 break   # preempted with a token on the way: next step
-            h = self.bm.first_block_hash(seq.token_ids)
+            if seq.scores_prompt and not scored:
+                break   # this step returns all the prompt logits it may
+            h = None if seq.scores_prompt else self.bm.first_block_hash(seq.token_ids)
             shared = self._shared_blocks(seq, in_flight[h]) if h in in_flight and not self.bm.is_named(h) else 0
             if shared >= MIN_SHARED_BLOCKS:
                 deferred.append(self.waiting.popleft())
                 reserved += -(-len(seq.token_ids) // self.bm.block_size) - shared
                 continue
-            if not self.bm.can_allocate(seq, reserved):
+            if not self.bm.can_allocate(seq, reserved, share=not seq.scores_prompt):
                 break   # FIFO for memory: nobody overtakes a head that does not fit
             self.waiting.popleft()
             if h is not None:
                 in_flight.setdefault(h, seq)
-            cached = self.bm.allocate(seq)
+            cached = self.bm.allocate(seq, share=not seq.scores_prompt)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = cached
             seq.num_computed, seq.prefill_len, seq.status = cached, len(seq.token_ids), RUNNING
             self.running.append(seq)
-            n = min(seq.prefill_len - cached, budget)
+            n = min(seq.prefill_len - cached, budget, scored if seq.scores_prompt else budget)
             prefills.append((seq, n))
             budget -= n
+            scored -= n * seq.scores_prompt
         self.waiting.extendleft(reversed(deferred))   # back at the front, in their order
         return decodes, prefills
 

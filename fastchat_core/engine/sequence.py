@@ -31,6 +31,10 @@ class Sequence:
         self.read_offset = 0
         self.sent_chars = 0
         self.arrival_time = self.last_token_time = None
+        # per token, (logprob, [(token id, logprob), ...] best first): the output's, aligned with output_ids
+        # (None for pasted tool output), and the prompt's from its second token on (params.prompt_logprobs)
+        self.logprobs = [] if params.logprobs is not None else None
+        self.prompt_logprobs = [] if params.prompt_logprobs is not None else None
 
     @property
     def output_ids(self) -> list[int]:
@@ -44,6 +48,12 @@ class Sequence:
     def waits_on_tool(self) -> bool:
         """Nothing to decode until the tool's output arrives (it is pasted, not sampled)."""
         return self.tool is not None and not self.forced
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prefill must return the logits of every prompt position: prompt logprobs were asked for and no
+        output exists yet (a sequence preempted after its first token has them already)."""
+        return self.prompt_logprobs is not None and self.num_output_tokens == 0
 
     @property
     def is_prefilling(self) -> bool:
