@@ -255,3 +255,22 @@ def test_every_flag_an_error_names_exists(driver, capsys):
             texts = [t.value for t in ast.walk(node) if isinstance(t, ast.Constant) and isinstance(t.value, str)]
             named |= {(src.name, node.lineno, flag) for text in texts for flag in FLAG.findall(text)}
     assert named and not {n for n in named if n[2] not in flags}
+
+
+def test_time_budget_fixes_the_step_count_from_the_measured_step_time(tmp_path):
+    """--time-budget: after five timed steps the loop sets the step count the remaining seconds allow at that
+    pace; the run then stops there and its schedule ends with it (the last step has the final LR)."""
+    model = tiny_gpt(64)
+    run = training.Run(0, 0, 1, torch.device("cpu"))
+    trainer = training.Trainer(loop_args("--time-budget", "0.5", "--save-every", "-1"), run, model,
+                               build_optimizers(model), tmp_path, 10**6, stage="test", meta={})
+
+    def step(i):
+        time.sleep(0.01)
+        return 8, {"loss": 1.0}
+
+    summary = trainer.fit(step, dict)
+    assert 20 <= summary["steps"] <= 60 and summary["steps"] == trainer.num_steps
+    assert 0.4 < summary["train_seconds"] < 0.8
+    lr = by_step(tmp_path, "lr_mult")
+    assert lr[summary["steps"]] < lr[1]   # warmdown reached the end of the budget, not of 10**6 steps
