@@ -61,8 +61,9 @@ def add_loop_args(group):
                        "holds no data position, restart the data from the beginning instead of stopping")
     group.add_argument("--log-every", type=int, default=1, help="a progress line every N steps")
     group.add_argument("--time-budget", type=float, default=0, help="train for this many seconds of steps instead "
-                       "of a step count (equal wall-clock comparisons): the step count is fixed from the step time "
-                       "measured once compilation is over, so the schedules still end with the budget")
+                       "of a step count (equal wall-clock comparisons; the first three steps, compilation, do not "
+                       "count): the step count is fixed from the measured step time, so the schedules still end "
+                       "with the budget")
     group.add_argument("--wandb-project", default=None, help="also log the metrics to this Weights & Biases "
                        "project (pip install wandb; WANDB_MODE=offline needs no account)")
     group.add_argument("--run-name", default=None, help="the Weights & Biases run name (default <stage>-<run "
@@ -194,7 +195,6 @@ class Trainer:
         self.flops_per_token, self.peak = flops_per_token, peak_flops(run.device)
         self.step, self.tokens, self.last_eval = 0, 0, {}
         self.timed = [0.0, 0, 0]   # seconds, tokens and steps of this process after its first three (compilation)
-        self.train_seconds = 0.0   # every step's time, compilation included: what --time-budget counts
         self.budget_set = not getattr(args, "time_budget", 0)
 
     def resume(self):
@@ -246,7 +246,7 @@ class Trainer:
         """--time-budget: the steps left are what the remaining seconds allow at the measured step time (rank 0's
         estimate, so every rank stops at the same step)."""
         seconds, _, steps = self.timed
-        left = torch.tensor([max(0, int((self.args.time_budget - self.train_seconds) / (seconds / steps)))])
+        left = torch.tensor([max(0, int((self.args.time_budget - seconds) / (seconds / steps)))])
         if world_size() > 1:
             torch.distributed.broadcast(left, 0)
         self.num_steps, self.budget_set = self.step + int(left), True
@@ -265,7 +265,6 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.step += 1
         self.tokens += tokens
-        self.train_seconds += dt
         if not first:
             self.timed = [self.timed[0] + dt, self.timed[1] + tokens, self.timed[2] + 1]
         rec = {"step": self.step, **metrics, "lr_mult": lr_mult, "dt": dt, "tok_per_s": tokens / dt,
@@ -288,7 +287,7 @@ class Trainer:
                f"ETA {eta / 60:.1f} min")
 
     def _evaluate(self, evaluate):
-        self.last_eval = {"step": self.step, "train_seconds": self.train_seconds, **evaluate(self.step)}
+        self.last_eval = {"step": self.step, "train_seconds": self.timed[0], **evaluate(self.step)}
         self.log(self.last_eval)
         print0(f"step {self.step:5d} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in _numbers(self.last_eval).items()))
 
@@ -301,7 +300,7 @@ class Trainer:
         seconds, tokens, _ = self.timed
         tokens_per_s = tokens / seconds if seconds else None
         summary = {"steps": self.step, "train_loss": loss, "tokens_per_s": tokens_per_s,
-                   "train_seconds": self.train_seconds}
+                   "train_seconds": seconds}
         if tokens_per_s and self._mfu(tokens_per_s):
             summary["mfu"] = self._mfu(tokens_per_s)
         summary.update((k, v) for k, v in self.last_eval.items() if k != "step")
