@@ -25,10 +25,11 @@ SINGLE = [dict(value_embeds=True), dict(layer_scalars=True), dict(smear=True), d
 ALL = dict(NANOCHAT_RECIPE, window_pattern="SSL")   # depth 3: S S L
 
 
-def options_gpt(options, depth=3, vocab=97, seq_len=32, n_kv_head=1, noise=0.05):
-    """tiny_gpt with ModelConfig options: head_dim 16, 4 query heads; windows of 8 tokens at seq_len 32."""
+def options_gpt(options, depth=3, vocab=97, seq_len=32, n_kv_head=1, noise=0.05, dim=64, head_dim=16):
+    """tiny_gpt with ModelConfig options: by default head_dim 16, 4 query heads; windows of 8 tokens at seq_len 32
+    (the CUDA decode kernel needs head_dim 64 or 128: the GPU tests pass dim=128, head_dim=64)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(depth=depth, vocab_size=vocab, seq_len=seq_len, dim=64, head_dim=16, n_kv_head=n_kv_head,
+    cfg = ModelConfig(depth=depth, vocab_size=vocab, seq_len=seq_len, dim=dim, head_dim=head_dim, n_kv_head=n_kv_head,
                       **options)
     model = GPT(cfg).init_weights(seed=1)
     with torch.no_grad():
@@ -246,7 +247,7 @@ def test_cuda_windowed_attention_matches_masked_reference(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_engine_with_windows_matches_naive(dtype):
-    m = options_gpt(ALL, depth=3, vocab=128, seq_len=64, n_kv_head=1).cuda()
+    m = options_gpt(ALL, depth=3, vocab=128, seq_len=64, n_kv_head=1, dim=128, head_dim=64).cuda()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (1, 5, 40, 70)]
     m = m.to(dtype)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from fastchat_core.attention import PagedBatch
+from fastchat_core.common import ConfigError
 from fastchat_core.engine.block_manager import BlockManager, num_blocks_for_memory
 from fastchat_core.engine.transfer import pinned, to_device
 
@@ -42,6 +43,9 @@ class ModelRunner:
                  use_cuda_graphs: bool, compile_decode: bool = False):
         cfg, p = model.config, next(model.parameters())
         self.model, self.bm, self.device = model, block_manager, p.device
+        if self.device.type == "cuda" and cfg.head_dim not in (64, 128):   # else the decode kernel fails in capture
+            raise ConfigError(f"the engine's CUDA decode kernel supports head_dim 64 and 128, not {cfg.head_dim}: "
+                              "use a model with one of those (the CPU engine takes any head_dim)")
         self.smear = cfg.smear
         # torch.compile fuses the decode step's norms, residual adds, ReLU^2 and logit softcap (the custom
         # ops stay calls and write the caches in place); batch sizes are symbolic, so one compile serves
