@@ -92,9 +92,20 @@ def judge(program, timeout=1.5, tests=TESTS, entry_point=ENTRY, margin=MARGIN):
     return passed, message
 
 
+TRY_EACH = '''
+def try_each(attempts):
+    """Run every (name, action) and print its result or its error's type: one refused step must not stop the rest."""
+    for name, f in (attempts.items() if isinstance(attempts, dict) else attempts):
+        try:
+            print(name, f())
+        except Exception as e:
+            print(name, type(e).__name__)
+'''
+
+
 def fill(code, **values):
     """Dedent `code` and replace each @NAME@ by values[NAME] (already Python source)."""
-    code = textwrap.dedent(code)
+    code = textwrap.dedent(code).replace("@TRY_EACH@", TRY_EACH)
     for name, value in values.items():
         code = code.replace(f"@{name}@", value)
     assert "@" not in code.replace("@property", ""), code
@@ -197,14 +208,34 @@ def pidns_of(pid):
         return None
 
 
-class Lineage:
+class Sampler:
+    """Calls sample() from a background thread every `period` seconds inside a `with` block, and once at its end."""
+
+    period = 0.02
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+class Lineage(Sampler):
     """What this test process started, sampled from a thread while a call runs: the pid namespaces and uids
     of its descendants (the sandbox's launcher, supervisor, workers). Only processes that share one of those,
     or carry the call's token, count as the call's: other tests' sandboxes on the same host are left alone."""
 
     def __init__(self):
         self.pidns, self.uids = set(), set()
-        self._stop = threading.Event()
 
     def sample(self):
         procs = processes()
@@ -224,19 +255,6 @@ class Lineage:
                 self.pidns.add(ns)
             if uid is not None and uid != os.getuid():
                 self.uids.add(uid)
-
-    def _loop(self):
-        while not self._stop.wait(0.02):
-            self.sample()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 @contextlib.contextmanager
@@ -289,7 +307,7 @@ def status_kb(key):
     raise KeyError(key)
 
 
-class Monitor:
+class Monitor(Sampler):
     """Samples the host from a thread while a call runs: processes carrying a token, the tracer of a pid,
     the lowest MemAvailable, the lowest free space of some file systems, the most processes."""
 
@@ -301,7 +319,6 @@ class Monitor:
         self.disk_before = {d: shutil.disk_usage(d).free for d in disks}
         self.disk_low = dict(self.disk_before)
         self.count_before = self.count_high = live_count() if count else None
-        self._stop = threading.Event()
 
     def sample(self):
         if self.token or self.count:
@@ -318,20 +335,6 @@ class Monitor:
             self.mem_low = min(self.mem_low, meminfo())
         for d in self.disks:
             self.disk_low[d] = min(self.disk_low[d], shutil.disk_usage(d).free)
-
-    def _loop(self):
-        while not self._stop.wait(self.period):
-            self.sample()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
     @property
     def mem_drop(self):
@@ -421,6 +424,13 @@ def canary(tmp_path):
     os.chmod(p, 0o644)
     os.utime(p, ns=(CANARY_TIME, CANARY_TIME))
     return p
+
+
+def assert_canary_survives(canary, program):
+    """Run the program (@P@: the canary's path) and check the canary file is exactly as before."""
+    before = state_of(canary)
+    call(fill(program, P=repr(str(canary))))
+    assert_unchanged(canary, before)
 
 
 def assert_unchanged(p, before):
@@ -730,8 +740,8 @@ def test_search_whole_filesystem_for_planted_secrets(tmp_path):
 # ================================ writing =================================================================
 
 def test_write_create_truncate_canary(canary):
-    before = state_of(canary)
-    code = fill('''
+    assert_canary_survives(canary, '''
+        @TRY_EACH@
         import os, pathlib, posix
         P = @P@
         attempts = {
@@ -751,54 +761,36 @@ def test_write_create_truncate_canary(canary):
             attempts["libc creat"] = lambda: libc.creat((os.path.dirname(P) + "/libc.txt").encode(), 0o644)
         except Exception:
             pass
-        for name, f in attempts.items():
-            try:
-                print(name, f())
-            except Exception as e:
-                print(name, type(e).__name__)
-    ''', P=repr(str(canary)))
-    call(code)
-    assert_unchanged(canary, before)
+        try_each(attempts)
+    ''')
 
 
 def test_rename_delete_canary(canary):
-    before = state_of(canary)
-    code = fill('''
+    assert_canary_survives(canary, '''
+        @TRY_EACH@
         import os, posix, shutil
         P = @P@
-        for name, f in {"rename": lambda: os.rename(P, P + ".moved"), "replace": lambda: os.replace(P, "/tmp/x"),
-                        "unlink": lambda: os.unlink(P), "posix.unlink": lambda: posix.unlink(P),
-                        "rmtree": lambda: shutil.rmtree(os.path.dirname(P)),
-                        "rmdir": lambda: os.rmdir(os.path.dirname(P))}.items():
-            try:
-                print(name, f())
-            except Exception as e:
-                print(name, type(e).__name__)
-    ''', P=repr(str(canary)))
-    call(code)
-    assert_unchanged(canary, before)
+        try_each({"rename": lambda: os.rename(P, P + ".moved"), "replace": lambda: os.replace(P, "/tmp/x"),
+                  "unlink": lambda: os.unlink(P), "posix.unlink": lambda: posix.unlink(P),
+                  "rmtree": lambda: shutil.rmtree(os.path.dirname(P)),
+                  "rmdir": lambda: os.rmdir(os.path.dirname(P))})
+    ''')
 
 
 def test_chmod_chown_utime_canary(canary):
-    before = state_of(canary)
-    code = fill('''
+    assert_canary_survives(canary, '''
+        @TRY_EACH@
         import os, posix
         P = @P@
-        for name, f in {"chmod": lambda: os.chmod(P, 0o777), "posix.chmod": lambda: posix.chmod(P, 0o4777),
-                        "chown": lambda: os.chown(P, 65534, 65534), "utime": lambda: os.utime(P, (0, 0)),
-                        "utime now": lambda: os.utime(P)}.items():
-            try:
-                print(name, f())
-            except Exception as e:
-                print(name, type(e).__name__)
-    ''', P=repr(str(canary)))
-    call(code)
-    assert_unchanged(canary, before)
+        try_each({"chmod": lambda: os.chmod(P, 0o777), "posix.chmod": lambda: posix.chmod(P, 0o4777),
+                  "chown": lambda: os.chown(P, 65534, 65534), "utime": lambda: os.utime(P, (0, 0)),
+                  "utime now": lambda: os.utime(P)})
+    ''')
 
 
 def test_symlink_and_hardlink_tricks(canary):
-    before = state_of(canary)
-    code = fill('''
+    assert_canary_survives(canary, '''
+        @TRY_EACH@
         import os
         P = @P@
         D = os.path.dirname(P)
@@ -814,14 +806,8 @@ def test_symlink_and_hardlink_tricks(canary):
             ("write via dir link", lambda: open("/tmp/d/canary.txt", "w").write("pwned")),
             ("link cwd", lambda: os.symlink(P, "canary_link")),
         ]
-        for name, f in steps:
-            try:
-                print(name, f())
-            except Exception as e:
-                print(name, type(e).__name__)
-    ''', P=repr(str(canary)))
-    call(code)
-    assert_unchanged(canary, before)
+        try_each(steps)
+    ''')
 
 
 def test_write_into_stdlib_and_site_packages():
@@ -1210,6 +1196,7 @@ def test_execve_replacing_the_worker():
 def test_kill_test_process(victim):
     proc, marker, _ = victim
     code = fill('''
+        @TRY_EACH@
         import os, posix, signal
         PID = @PID@
         sigs = [signal.SIGUSR1, signal.SIGTERM, signal.SIGSTOP, signal.SIGKILL]
@@ -1225,11 +1212,7 @@ def test_kill_test_process(victim):
                              ("pidfd", lambda s=s: libc.syscall(424, libc.syscall(434, PID, 0), s, None, 0))]
         except Exception:
             pass
-        for name, f in attempts:
-            try:
-                print(name, f())
-            except Exception as e:
-                print(name, type(e).__name__)
+        try_each(attempts)
         for s in (signal.SIGWINCH, signal.SIGURG, signal.SIGCHLD):   # ignored by default: harmless to the rest
             try:
                 os.kill(-1, s)
@@ -2030,7 +2013,7 @@ def test_open_by_handle_shocker(tmp_path):
                     report(f"open_by_handle_at via {d}", True, os.read(r, 200))
                 else:
                     print("open_by_handle_at", d, e)
-        '''), HTYPE=str(htype), HBYTES=repr(hbytes), DIRS=repr([stdlib, "/usr/lib", "/lib", "/", "/tmp"]))
+        '''), HTYPE=str(htype), HBYTES=f"bytes.fromhex({hbytes.hex()!r})", DIRS=repr([stdlib, "/usr/lib", "/lib", "/", "/tmp"]))
         r = call(code, timeout=2.0)
         require_ctypes(r)
         assert secret not in r.output
