@@ -100,9 +100,9 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """6N + attention (PaLM convention: 12 * heads * head_dim * T per layer, T capped by the layer's
-        window), as PERF.md counts it."""
+        window: w earlier tokens and the query's own), as PERF.md counts it."""
         t = seq_len or self.seq_len
-        attn_t = sum(t if w is None else min(w, t) for w in self.windows())
+        attn_t = sum(t if w is None else min(w + 1, t) for w in self.windows())
         return 6 * self.matmul_params() + 12 * self.n_head * self.head_dim * attn_t
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:

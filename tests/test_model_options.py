@@ -40,6 +40,17 @@ def options_gpt(options, depth=3, vocab=97, seq_len=32, n_kv_head=1, noise=0.05,
 
 # ---- the plain PyTorch model: every option spelled out, nothing shared with model.py or attention.py ----
 
+def ref_windows(cfg):
+    """nanochat's rule, restated: S = window_short * seq_len rounded up to 128 unless that reaches seq_len;
+    the pattern repeats over the layers; the last layer sees everything."""
+    short = math.ceil(cfg.window_short * cfg.seq_len)
+    rounded = math.ceil(short / 128) * 128
+    short = rounded if rounded < cfg.seq_len else short
+    return [None if i == cfg.n_layer - 1 or cfg.window_pattern[i % len(cfg.window_pattern)] == "L" else short
+            for i in range(cfg.n_layer)]
+
+
+
 def ref_attention(q, k, v, window):
     """(B, T, H, D) q, (B, T, Hk, D) k/v: explicit scores, causal mask cut to `window` tokens back."""
     group = q.size(2) // k.size(2)
@@ -68,7 +79,7 @@ def ref_logits(m, idx):
         a, b = t[..., :half], t[..., half:]
         return cfg.qk_scale * torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
 
-    x0, windows, mid = x, cfg.windows(), None
+    x0, windows, mid = x, ref_windows(cfg), None
     for i in range(cfg.n_layer):
         w = lambda name: P[f"blocks.{i}.{name}.weight"]   # noqa: E731
         if cfg.layer_scalars:
