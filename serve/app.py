@@ -269,9 +269,14 @@ class ChatServer:
             return Response(status_code=499)   # gone mid-upload (nginx's code); nobody reads this
         async with self.parsing:
             req = await asyncio.to_thread(self._parse, chunks, chat)
-        for i, params in enumerate(req.params):   # what only the engine knows (KV cache size, ...): refuse first
+        if len(req.params) > self.capacity:   # could never fit: not a "retry shortly"
+            raise RequestError(f"the request asks for {len(req.params)} choices (prompts x n); this server runs at "
+                               f"most {self.capacity} at once: split it", "n")
+        # what only the engine knows (KV cache size, ...): refuse first, once per prompt (its n choices differ
+        # only in their seeds)
+        for i in range(0, len(req.params), req.n):
             try:
-                self.engine.check_request(req.prompts[i // req.n], params)
+                self.engine.check_request(req.prompts[i // req.n], req.params[i])
             except ValueError as e:
                 raise RequestError(str(e)) from None
         if len(self.live) + len(req.params) > self.capacity:

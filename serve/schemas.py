@@ -36,6 +36,7 @@ MAX_N = 16      # choices per request
 MAX_BODY_BYTES = 4 << 20   # default request body limit (--max-body-bytes): a long chat is tens of KiB
 MAX_LOGPROBS = 20   # top alternatives per token, as OpenAI's top_logprobs
 MAX_PROMPTS = 256   # prompts in one /v1/completions batch
+MAX_LOGIT_BIAS = 300   # entries of logit_bias, as OpenAI
 
 
 class RequestError(Exception):
@@ -287,8 +288,10 @@ def _stop(value) -> list[str]:
 def _logit_bias(value) -> dict[int, float]:
     if value is None:
         return {}
+    if isinstance(value, dict) and len(value) > MAX_LOGIT_BIAS:   # every entry is work in every sampling step
+        raise RequestError(f"'logit_bias' has {len(value)} entries; at most {MAX_LOGIT_BIAS} are allowed", "logit_bias")
     if not isinstance(value, dict) or not all(
-            k.isdigit() and len(k) < 10 and not isinstance(v, bool) and isinstance(v, (int, float)) and -100 <= v <= 100
+            k.isascii() and k.isdigit() and len(k) < 10 and not isinstance(v, bool) and isinstance(v, (int, float)) and -100 <= v <= 100
             for k, v in value.items()):
         raise RequestError(f"'logit_bias' must map token ids (as strings) to numbers in [-100, 100], got "
                            f"{_kind(value)}", "logit_bias")

@@ -200,3 +200,11 @@ def test_unsupported_fields_are_refused(client):
     out = client.chat.completions.create(model="sft-d1", messages=messages, max_tokens=2,
                                          response_format={"type": "text"}, tool_choice="none")
     assert out.choices[0].message.content is not None and math.isfinite(out.usage.total_tokens)
+
+
+def test_sampling_params_refuse_non_finite_adjustments():
+    for bad in (dict(presence_penalty=float("nan")), dict(frequency_penalty=float("inf")),
+                dict(logit_bias={3: float("nan")}), dict(logit_bias={3: -float("inf")})):
+        with pytest.raises(ValueError, match="finite number"):
+            SamplingParams(**bad)
+    SamplingParams(presence_penalty=-2.0, logit_bias={3: -100.0})

@@ -214,6 +214,9 @@ BAD = [   # (route, body: dict or raw bytes, param or None, what the message mus
     ("chat", chat_body("hi", logit_bias={"abc": 1}), "logit_bias", "token ids"),
     ("chat", chat_body("hi", logit_bias={"1": 101}), "logit_bias", "[-100, 100]"),
     ("chat", chat_body("hi", logit_bias={"100000": 1}), None, "logit_bias"),
+    ("chat", chat_body("hi", logit_bias={"\u00b2": 1}), "logit_bias", "token ids"),   # isdigit, not int()
+    ("chat", chat_body("hi", logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "at most 300"),
+    ("completions", {"prompt": ["a"] * 256, "n": 16}, "n", "split it"),   # 4096 choices: never fits
     ("chat", chat_body("hi", max_tokens=5, min_tokens=6), "min_tokens", "between 0 and 5"),
     ("chat", chat_body("hi", tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "not supported"),
     ("chat", chat_body("hi", tool_choice="auto"), "tool_choice", "not supported"),
@@ -296,11 +299,12 @@ def test_full_queue_gets_429_and_missing_key_401(checkpoint):
                 busy = httpx.post(f"{url}/v1/chat/completions", json=body, headers=key, timeout=30)
                 assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
                 assert busy.json()["error"]["code"] == "queue_full"
-                assert httpx.post(f"{url}/v1/chat/completions", json=body | {"n": 2}, headers=key).status_code == 429
+                too_many = httpx.post(f"{url}/v1/chat/completions", json=body | {"n": 2}, headers=key)
+                assert too_many.status_code == 400 and "split it" in too_many.json()["error"]["message"]   # never fits
             wait_until(lambda: metrics(url)["fastchat_requests_in_flight"] == 0, timeout=5)
         r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=key, timeout=30)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
-        assert metrics(url)['fastchat_http_responses_total{route="/v1/chat/completions",status="429"}'] == 2
+        assert metrics(url)['fastchat_http_responses_total{route="/v1/chat/completions",status="429"}'] == 1
 
 
 def test_sigterm_drains_in_flight_requests(checkpoint, tmp_path):

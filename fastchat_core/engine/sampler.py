@@ -58,6 +58,11 @@ class SamplingParams:
         for k in (self.logprobs, self.prompt_logprobs):
             if k is not None and (not isinstance(k, int) or k < 0):
                 raise ValueError(f"logprobs / prompt_logprobs must be None (off) or an integer >= 0, got {k!r}")
+        # a NaN or an infinity here would turn whole rows of logits into NaN: argmax and sampling then return junk
+        for name, v in (("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty),
+                        *((f"logit_bias[{t}]", b) for t, b in self.logit_bias.items())):
+            if not -1e4 <= v <= 1e4:
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
 
     @property
     def penalized(self) -> bool:
