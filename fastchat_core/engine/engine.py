@@ -268,6 +268,8 @@ class Engine:
 
     def _penalize(self, seqs, logits, prev: "_Launched | None") -> torch.Tensor:
         """The logits after each sequence's logit_bias, penalties and min_tokens (the same tensor without any)."""
+        if not any(s.params.adjusts_logits for s in seqs):
+            return logits
         pen = [s for s in seqs if s.params.penalized]
         history = None
         if pen:

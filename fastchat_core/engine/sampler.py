@@ -63,6 +63,9 @@ class SamplingParams:
                         *((f"logit_bias[{t}]", b) for t, b in self.logit_bias.items())):
             if not -1e4 <= v <= 1e4:
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
+        # read by the engine every step for every sequence: one attribute, so that batches without any of these
+        # features pay one pass over the batch, not the several penalize makes
+        self.adjusts_logits = bool(self.penalized or self.logit_bias or self.min_tokens)
 
     @property
     def penalized(self) -> bool:
