@@ -26,7 +26,8 @@ from typing import NamedTuple
 import torch
 
 from fastchat_core.checkpoint import CheckpointError, resume_checkpoint, save_checkpoint
-from fastchat_core.common import ConfigError, UserError, cleanup_dist, init_dist, print0, rank, synchronize, world_size
+from fastchat_core.common import (ConfigError, UserError, cleanup_dist, init_dist, is_dist, print0, rank, synchronize,
+                                  world_size)
 from fastchat_core.optim import apply_schedules
 
 # Dense bf16 peak of the GPUs we plan for (datasheet), for MFU.
@@ -195,7 +196,7 @@ class Trainer:
         self.flops_per_token, self.peak = flops_per_token, peak_flops(run.device)
         self.step, self.tokens, self.last_eval = 0, 0, {}
         self.timed = [0.0, 0, 0]   # seconds, tokens and steps of this process after its first three (compilation)
-        self.budget_set = not getattr(args, "time_budget", 0)
+        self.budget_set = not args.time_budget
 
     def resume(self):
         """With --resume: restore the newest intact checkpoint of the run folder (weights, optimizer state, random
@@ -246,8 +247,9 @@ class Trainer:
         """--time-budget: the steps left are what the remaining seconds allow at the measured step time (rank 0's
         estimate, so every rank stops at the same step)."""
         seconds, _, steps = self.timed
-        left = torch.tensor([max(0, int((self.args.time_budget - seconds) / (seconds / steps)))])
-        if world_size() > 1:
+        # on the run's device: NCCL, the group of CUDA runs, broadcasts only device tensors
+        left = torch.tensor([max(0, int((self.args.time_budget - seconds) / (seconds / steps)))], device=self.run.device)
+        if is_dist():
             torch.distributed.broadcast(left, 0)
         self.num_steps, self.budget_set = self.step + int(left), True
         print0(f"--time-budget {self.args.time_budget:g} s: {self.num_steps} steps in all")

@@ -271,7 +271,9 @@ def train(args, make_tasks, stage: str = "sft", pack: bool = False, init_stages=
             step_optimizers(model, optimizers)
             if world > 1:
                 dist.all_reduce(loss_sum)
-            return int(counts[1].item()), {"loss": (loss_sum / n_tokens).item(), "tokens": int(n_tokens.item())}
+            # one device-to-host copy for the three numbers, not three syncs
+            loss, n_trained, n_fed = torch.stack([loss_sum / n_tokens, n_tokens, counts[1]]).tolist()
+            return int(n_fed), {"loss": loss, "tokens": int(n_trained)}
 
         return trainer.fit(train_step, batches.state_dict, evaluate, args.eval_every)
 
